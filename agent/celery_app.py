@@ -1,0 +1,69 @@
+"""The one Celery app of the farm, shared by agents (workers) and the orchestrator (dispatch).
+
+Configured from the environment:
+- ``FARM_BROKER_URL``: ``redis://``, ``rediss://`` or ``redis+socket://`` (required).
+- ``FARM_RESULT_BACKEND``: defaults to the broker URL.
+- ``FARM_TASK_TIME_LIMIT``: hard limit in seconds (default 6 h); the soft limit is 60 s less.
+- ``FARM_VISIBILITY_TIMEOUT``: Redis visibility timeout (default 1 h).
+
+Long-task setting (stack.md §1.3): option (a), early ack + ``worker_disable_prefetch``.
+With ``acks_late`` a suite longer than the visibility timeout is redelivered and runs again, in a
+loop (celery#5935); suites touch hardware state and their results must land exactly once, so the
+message is acked on receipt and only fetched when the single prefork process is free. A run lost to a
+crash is detected and resubmitted by the orchestrator with attempt+1, which keeps retries in one
+place that knows the job's history.
+"""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+
+RUN_SUITE = "pmufarm.run_suite"
+PROBE_FACTS = "pmufarm.probe_facts"
+
+
+def host_queue(name: str) -> str:
+    return f"host.{name}"
+
+
+def make_app(broker_url: str | None = None, backend_url: str | None = None) -> Celery:
+    broker = broker_url or os.environ.get("FARM_BROKER_URL")
+    if not broker:
+        raise RuntimeError("FARM_BROKER_URL is not set (redis://, rediss:// or redis+socket://)")
+    backend = backend_url or os.environ.get("FARM_RESULT_BACKEND") or _backend_for(broker)
+    hard = int(os.environ.get("FARM_TASK_TIME_LIMIT", 6 * 3600))
+    visibility = int(os.environ.get("FARM_VISIBILITY_TIMEOUT", 3600))
+    app = Celery("pmufarm", broker=broker, backend=backend, include=["agent.tasks"])
+    transport = {"visibility_timeout": visibility}
+    if "FARM_UNACKED_RESTORE_INTERVAL" in os.environ:
+        # Lets the exactly-once test shrink kombu's restore cadence next to a short visibility timeout.
+        interval = float(os.environ["FARM_UNACKED_RESTORE_INTERVAL"])
+        transport |= {"unacked_restore_interval": interval, "unacked_restore_throttle": interval}
+    app.conf.update(
+        task_acks_late=False,
+        worker_disable_prefetch=True,
+        worker_prefetch_multiplier=1,
+        task_track_started=True,
+        result_extended=True,
+        result_expires=7 * 86400,
+        task_time_limit=hard,
+        task_soft_time_limit=max(hard - 60, 1),
+        worker_soft_shutdown_timeout=10,
+        broker_transport_options=transport,
+        result_backend_transport_options=transport,
+        broker_connection_retry_on_startup=True,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+def _backend_for(broker: str) -> str:
+    # Celery's Redis result backend spells a unix socket "socket://", kombu's broker "redis+socket://".
+    if broker.startswith("redis+socket://"):
+        return "socket://" + broker[len("redis+socket://"):]
+    return broker

@@ -1,0 +1,84 @@
+"""``agent``: the farm-host side. Probe facts, run probes through a driver, serve a worker queue."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """pmufarm agent: runs on every farm host."""
+
+
+@main.command()
+@click.option("--cpuid-dump", type=click.Path(dir_okay=False), help="Decode a CPUID dump (`cpuid -r` or "
+              "'leaf subleaf eax ebx ecx edx' lines) instead of this CPU.")
+def probe(cpuid_dump: str | None) -> None:
+    """Print this host's facts (CPU, PMU, KVM, kernel, mediated-vPMU verdict) as JSON."""
+    from agent.facts import probe_main
+
+    sys.exit(probe_main(cpuid_dump, True))
+
+
+@main.command("list")
+def list_probes() -> None:
+    """List the probes of the harness protocol."""
+    from agent.protocol import PROBES
+
+    for spec in PROBES.values():
+        click.echo(f"{spec.name:22} {'pmu ' if spec.needs_pmu else 'none'} {spec.summary}")
+
+
+@main.command()
+@click.argument("probe_name")
+@click.argument("args", nargs=-1)
+@click.option("--driver", type=click.Choice(["kvm", "model"]), default="kvm", show_default=True)
+@click.option("--uarch", help="Microarchitecture id of a simulated host (driver model).")
+@click.option("--fault", "faults", multiple=True, help="Inject a named fault (driver model).")
+def run(probe_name: str, args: tuple[str, ...], driver: str, uarch: str | None, faults: tuple[str, ...]) -> None:
+    """Run PROBE with k=v arguments through a driver; print one JSON object (exit 0 ok, 4 unsupported, 1 error)."""
+    from agent.drivers import make_driver
+    from agent.tasks import host_facts
+
+    host: dict = {"name": "cli", "driver": driver}
+    if driver == "model":
+        if not uarch:
+            raise click.UsageError("--driver model needs --uarch (see inventory/microarch.yaml)")
+        host["model"] = {"uarch": uarch, "faults": list(faults)}
+    try:
+        params = dict(a.split("=", 1) for a in args)
+    except ValueError:
+        raise click.UsageError(f"arguments must be k=v, got {' '.join(args)!r}") from None
+    try:
+        facts = host_facts(host)
+        result = make_driver(host, facts).run(probe_name, **params)
+    except ValueError as exc:
+        click.echo(f"agent run: {exc}", err=True)
+        sys.exit(2)
+    click.echo(result.to_json())
+    sys.exit(result.exit_code)
+
+
+@main.command()
+@click.option("--host", "hosts", multiple=True, required=True,
+              help="Inventory host name(s) this worker serves; each gets queue host.<name>.")
+@click.option("--concurrency", "-c", default=1, show_default=True,
+              help="Prefork processes. 1 per real host: suites own the PMU.")
+@click.option("--loglevel", "-l", default="INFO", show_default=True)
+def worker(hosts: tuple[str, ...], concurrency: int, loglevel: str) -> None:
+    """Serve the farm queue of HOST (needs FARM_BROKER_URL)."""
+    from agent.celery_app import host_queue, make_app
+
+    try:
+        app = make_app()
+    except RuntimeError as exc:
+        raise click.UsageError(str(exc)) from None
+    queues = ",".join(host_queue(h) for h in hosts)
+    app.worker_main(["worker", "-Q", queues, "-n", f"{hosts[0]}@%h", "--pool", "prefork",
+                     "-c", str(concurrency), "-l", loglevel, "--without-mingle", "--without-gossip"])
+
+
+if __name__ == "__main__":
+    main()

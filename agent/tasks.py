@@ -1,0 +1,198 @@
+"""Agent-side Celery tasks: probe the host's facts, run one suite in a pytest subprocess."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from celery import shared_task
+
+from agent.celery_app import PROBE_FACTS, RUN_SUITE
+
+log = logging.getLogger("pmufarm.agent")
+
+PYTEST_STATUS = {0: "passed", 1: "failed", 5: "no_tests"}
+LOG_TAIL = 4000
+
+
+def tree_root() -> Path:
+    """The agent's installed tree (holds suites/); PMUFARM_TREE overrides it for deployed copies."""
+    return Path(os.environ.get("PMUFARM_TREE") or Path(__file__).resolve().parent.parent)
+
+
+class SuiteRefused(ValueError):
+    pass
+
+
+def resolve_suite(suite: str, root: Path | None = None) -> tuple[str, Path]:
+    """Map ``suites/<name>`` or ``<name>`` to a directory under the tree's suites/, or refuse."""
+    suites_dir = (root or tree_root()) / "suites"
+    name = suite.strip().rstrip("/")
+    name = name[len("suites/"):] if name.startswith("suites/") else name
+    if not name or "/" in name or name.startswith(".") or "\\" in name:
+        raise SuiteRefused(f"suite {suite!r}: only suites/<name> from the agent's tree may run")
+    path = (suites_dir / name).resolve()
+    if path.parent != suites_dir.resolve() or not path.is_dir():
+        known = sorted(p.name for p in suites_dir.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
+        raise SuiteRefused(f"suite {suite!r}: no such suite under suites/ (known: {', '.join(known)})")
+    return name, path
+
+
+def host_facts(host: dict[str, Any]) -> dict[str, Any]:
+    """Facts are probed on the agent, never taken from the inventory."""
+    if host.get("driver", "kvm") == "model":
+        from agent.drivers.model import simulated_facts
+
+        return simulated_facts(host)
+    from agent.facts import collect_facts
+
+    return collect_facts()
+
+
+def agent_state_dir() -> Path:
+    base = os.environ.get("FARM_AGENT_STATE_DIR") or os.path.join(
+        os.environ.get("XDG_STATE_HOME", os.path.expanduser("~/.local/state")), "pmufarm-agent")
+    return Path(base)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class _ProgressTail(threading.Thread):
+    """Forwards the progress plugin's JSON lines as Celery task state."""
+
+    def __init__(self, path: Path, report: Any) -> None:
+        super().__init__(daemon=True)
+        self.path, self.report, self.stop = path, report, threading.Event()
+        self.state: dict[str, Any] = {"done": 0, "total": None, "current": None}
+
+    def run(self) -> None:
+        offset = 0
+        while not self.stop.wait(0.25):
+            offset = self._read(offset)
+        self._read(offset)
+
+    def _read(self, offset: int) -> int:
+        try:
+            with open(self.path, encoding="utf-8") as fh:
+                fh.seek(offset)
+                chunk = fh.read()
+        except FileNotFoundError:
+            return offset
+        lines = chunk.split("\n")
+        consumed = len(chunk) - len(lines[-1])
+        changed = False
+        for line in lines[:-1]:
+            if line.strip():
+                self.state.update(json.loads(line))
+                changed = True
+        if changed:
+            self.report(dict(self.state))
+        return offset + consumed
+
+
+def run_suite_job(host: dict[str, Any], suite: str, run_id: str, attempt: int = 1, timeout: float = 3600,
+                  report: Any = None, only: list[str] | None = None) -> dict[str, Any]:
+    """Run one suite for one host; always returns a job dict (contracts §5), never raises for test outcomes."""
+    started = _now()
+    job: dict[str, Any] = {"run_id": run_id, "host": host.get("name"), "suite": suite, "attempt": attempt,
+                           "status": "error", "exit_code": None, "facts": {}, "tests": [],
+                           "started": started, "finished": None, "log_tail": "", "junit_xml": None}
+    try:
+        name, suite_dir = resolve_suite(suite)
+    except SuiteRefused as exc:
+        log.warning("refused task for host %s: %s", host.get("name"), exc)
+        job.update(log_tail=f"refused: {exc}", finished=_now())
+        return job
+    job["suite"] = name
+    targets = [str(suite_dir)]
+    if only:
+        # Re-runs of chosen tests (flake guard): node ids must stay inside this suite.
+        foreign = [n for n in only if not n.startswith(f"suites/{name}/") or ".." in n]
+        if foreign:
+            job.update(log_tail=f"refused: test {foreign[0]!r} is not in suites/{name}", finished=_now())
+            return job
+        targets = list(only)
+    try:
+        facts = host_facts(host)
+    except Exception as exc:  # a host whose facts cannot be read is an infrastructure problem
+        job.update(status="infra_error", log_tail=f"probing facts failed: {exc}", finished=_now())
+        return job
+    job["facts"] = facts
+    out = agent_state_dir() / "runs" / run_id / str(host.get("name")) / f"{name}.{attempt}"
+    out.mkdir(parents=True, exist_ok=True)
+    hostfile, results, junit = out / "host.json", out / "results.json", out / "junit.xml"
+    progress = out / "progress.jsonl"
+    hostfile.write_text(json.dumps({"host": host, "facts": facts}))
+    for stale in (results, junit, progress):
+        stale.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "pytest", *targets, "-p", "no:cacheprovider", "-p", "agent.progress_plugin",
+           "--pmufarm-host", str(hostfile), "--pmufarm-results", str(results), f"--junitxml={junit}",
+           "-o", f"junit_suite_name={host.get('name')}.{name}", "-q", "-rN", "--color=no"]
+    env = dict(os.environ, PMUFARM_PROGRESS_FILE=str(progress), PYTHONUNBUFFERED="1")
+    tail = _ProgressTail(progress, report) if report else None
+    if tail:
+        tail.start()
+    with tempfile.TemporaryFile(mode="w+") as logf:
+        proc = subprocess.Popen(cmd, cwd=tree_root(), stdout=logf, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            rc = None
+        finally:
+            if tail:
+                tail.stop.set()
+                tail.join(timeout=2)
+        logf.seek(0)
+        output = logf.read()
+    job["exit_code"] = rc
+    job["log_tail"] = output[-LOG_TAIL:]
+    if results.exists():
+        data = json.loads(results.read_text())
+        job["tests"] = data.get("tests", [])
+    if junit.exists():
+        job["junit_xml"] = junit.read_text()
+    if rc is None:
+        job["status"] = "timeout"
+        job["log_tail"] = f"hard timeout after {timeout:g}s; suite killed\n" + job["log_tail"]
+    elif rc in PYTEST_STATUS and (results.exists() or rc == 5):
+        job["status"] = PYTEST_STATUS[rc]
+    else:
+        why = f"killed by signal {-rc}" if rc < 0 else f"pytest exit code {rc}"
+        job["status"] = "error"
+        job["log_tail"] = f"suite process failed: {why}\n" + job["log_tail"]
+    job["finished"] = _now()
+    return job
+
+
+@shared_task(name=RUN_SUITE, bind=True)
+def run_suite(self: Any, host: dict[str, Any], suite: str, run_id: str, attempt: int = 1,
+              timeout: float = 3600, only: list[str] | None = None) -> dict[str, Any]:
+    def report(state: dict[str, Any]) -> None:
+        self.update_state(state="PROGRESS", meta={"host": host.get("name"), "suite": suite, **state})
+
+    log.info("run %s: host %s suite %s attempt %d", run_id, host.get("name"), suite, attempt)
+    t0 = time.monotonic()
+    job = run_suite_job(host, suite, run_id, attempt, timeout, report, only)
+    log.info("run %s: host %s suite %s -> %s in %.1fs", run_id, host.get("name"), suite, job["status"],
+             time.monotonic() - t0)
+    return job
+
+
+@shared_task(name=PROBE_FACTS)
+def probe_facts(host: dict[str, Any]) -> dict[str, Any]:
+    return host_facts(host)

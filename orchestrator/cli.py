@@ -1,0 +1,278 @@
+"""``orchestrator``: submit suites to the farm, follow runs, render reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from orchestrator.inventory import Host, InventoryError, load_inventory, parse_select, select_hosts
+from orchestrator.runner import (
+    EXIT_INPUT,
+    EXIT_OK,
+    RunError,
+    RunOptions,
+    execute_run,
+    job_exit_code,
+    write_run_reports,
+)
+from orchestrator.store import Store
+
+DEFAULT_INVENTORY = "inventory/local.yaml"
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("FARM_STATE_DIR") or os.path.join(
+        os.environ.get("XDG_STATE_HOME", os.path.expanduser("~/.local/state")), "pmufarm")
+    return Path(base)
+
+
+class Ctx:
+    def __init__(self, state_dir: Path, reports_dir: Path) -> None:
+        self.state_dir, self.reports_dir = state_dir, reports_dir
+        self._store: Store | None = None
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = Store(self.state_dir / "pmufarm.sqlite")
+        return self._store
+
+
+def fail(code: int, message: str) -> None:
+    click.echo(f"orchestrator: {message}", err=True)
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Store, private Redis and logs [env FARM_STATE_DIR; default ~/.local/state/pmufarm].")
+@click.option("--reports-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("reports"),
+              show_default=True)
+@click.pass_context
+def main(ctx: click.Context, state_dir: Path | None, reports_dir: Path) -> None:
+    """pmufarm: validate the KVM mediated vPMU across a farm of hosts."""
+    ctx.obj = Ctx(state_dir or default_state_dir(), reports_dir)
+
+
+def _load_hosts(inventory: str, hosts: str | None, select: tuple[str, ...], ctx: Ctx) -> list[Host]:
+    try:
+        inv = load_inventory(inventory)
+        wanted = parse_select(select)
+        chosen = select_hosts(inv, hosts, wanted, facts_for=lambda hs: _flat_facts_for(hs, ctx))
+    except InventoryError as exc:
+        fail(EXIT_INPUT, str(exc))
+    if not chosen:
+        fail(EXIT_INPUT, f"no host of {inventory} matches --hosts/--select")
+    return chosen
+
+
+def _flat_facts_for(hosts: list[Host], ctx: Ctx) -> dict[str, dict[str, Any]]:
+    """Facts for --select: probed locally for local and simulated hosts, else the last stored probe."""
+    from agent.facts import flat_facts
+    from agent.tasks import host_facts
+
+    stored = ctx.store.host_facts()
+    out = {}
+    for h in hosts:
+        if h.driver == "model" or h.address == "local":
+            facts = host_facts(h.entry())
+            ctx.store.record_facts(h.name, facts)
+        elif h.name in stored:
+            facts = stored[h.name]["facts"]
+        else:
+            continue
+        out[h.name] = flat_facts(facts)
+    return out
+
+
+def _check_suites(suites: tuple[str, ...]) -> list[str]:
+    from agent.tasks import SuiteRefused, resolve_suite
+
+    names = []
+    for s in suites:
+        try:
+            names.append(resolve_suite(s)[0])
+        except SuiteRefused as exc:
+            fail(EXIT_INPUT, str(exc))
+    return names
+
+
+@main.command()
+@click.argument("suites", nargs=-1, required=True)
+@click.option("--inventory", default=DEFAULT_INVENTORY, show_default=True, help="Inventory file or directory.")
+@click.option("--hosts", help="Comma-separated host names.")
+@click.option("--select", multiple=True, metavar="KEY=VALUE", help="Match labels and probed facts (repeatable).")
+@click.option("--timeout", default=1800.0, show_default=True, help="Hard limit per suite run, seconds.")
+@click.option("--expires", default=600.0, show_default=True,
+              help="Drop a job no agent has taken after this many seconds (a dead host).")
+@click.option("--no-wait", is_flag=True, help="Print the run id and return (needs FARM_BROKER_URL).")
+@click.pass_obj
+def submit(ctx: Ctx, suites: tuple[str, ...], inventory: str, hosts: str | None, select: tuple[str, ...],
+           timeout: float, expires: float, no_wait: bool) -> None:
+    """Run SUITES (e.g. suites/isolation) on the selected hosts and write reports/<run-id>/."""
+    names = _check_suites(suites)
+    chosen = _load_hosts(inventory, hosts, select, ctx)
+    opts = RunOptions(timeout=timeout, expires=expires, no_wait=no_wait)
+    try:
+        run_id = execute_run(ctx.store, ctx.state_dir, chosen, names, str(inventory), opts, click.echo)
+    except RunError as exc:
+        fail(exc.code, str(exc))
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted: the run is left as 'interrupted'; the local farm was stopped", err=True)
+        sys.exit(130)
+    if no_wait:
+        click.echo(run_id)
+        return
+    sys.exit(_write_and_summarise(ctx, run_id))
+
+
+def _write_and_summarise(ctx: Ctx, run_id: str) -> int:
+    try:
+        paths, jobs = write_run_reports(ctx.store, run_id, ctx.reports_dir)
+    except RunError as exc:
+        fail(exc.code, str(exc))
+    counts = ctx.store.counts(run_id)
+    click.echo(f"run {run_id}: " + (", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no test results"))
+    for j in jobs:
+        if j["status"] in ("infra_error", "timeout", "error"):
+            click.echo(f"  {j['host']} {j['suite']}: {j['status']}: {(j['log_tail'] or '').strip()[:200]}")
+    click.echo(f"reports: {paths.get('summary', ctx.reports_dir / run_id)}")
+    return job_exit_code(jobs)
+
+
+@main.command()
+@click.option("--limit", default=20, show_default=True)
+@click.pass_obj
+def runs(ctx: Ctx, limit: int) -> None:
+    """List recent runs."""
+    for r in ctx.store.runs(limit):
+        counts = ctx.store.counts(r["id"])
+        click.echo(f"{r['id']}  {r['status']:<11} {','.join(r['suites']):<24} "
+                   + " ".join(f"{k}={n}" for k, n in sorted(counts.items())))
+
+
+@main.command()
+@click.argument("run_id", required=False)
+@click.pass_obj
+def status(ctx: Ctx, run_id: str | None) -> None:
+    """Show a run's jobs (default: the latest run)."""
+    run_id = run_id or ctx.store.latest_run_id()
+    run = ctx.store.run(run_id) if run_id else None
+    if not run:
+        fail(EXIT_INPUT, f"no run {run_id!r} in {ctx.store.path}" if run_id else "no runs yet")
+    assert run is not None
+    click.echo(f"run {run['id']} ({run['status']}), suites {', '.join(run['suites'])}")
+    jobs = ctx.store.jobs(run["id"])
+    for j in jobs:
+        counts = ", ".join(f"{n} {k}" for k, n in sorted(_counts(j["tests"]).items()))
+        click.echo(f"  {j['host']:<20} {j['suite']:<12} attempt {j['attempt']}  {j['status']:<11} {counts}")
+    sys.exit(job_exit_code(jobs) if run["status"] == "done" else EXIT_OK)
+
+
+def _counts(tests: list[dict[str, Any]]) -> dict[str, int]:
+    from orchestrator.dispatch import outcome_counts
+
+    return outcome_counts(tests)
+
+
+@main.command()
+@click.argument("run_id")
+@click.pass_obj
+def report(ctx: Ctx, run_id: str) -> None:
+    """Render reports/<RUN_ID>/ again from the store."""
+    if not ctx.store.run(run_id):
+        fail(EXIT_INPUT, f"no run {run_id!r} in {ctx.store.path}")
+    sys.exit(_write_and_summarise(ctx, run_id))
+
+
+@main.command()
+@click.option("--inventory", default=DEFAULT_INVENTORY, show_default=True)
+@click.option("--probe", is_flag=True, help="Probe local and simulated hosts now instead of showing stored facts.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def hosts(ctx: Ctx, inventory: str, probe: bool, as_json: bool) -> None:
+    """List inventory hosts with their last probed facts and mediated-vPMU verdict."""
+    try:
+        inv = load_inventory(inventory)
+    except InventoryError as exc:
+        fail(EXIT_INPUT, str(exc))
+    if probe:
+        _flat_facts_for([h for h in inv if h.driver == "model" or h.address == "local"], ctx)
+    stored = ctx.store.host_facts()
+    rows = []
+    for h in inv:
+        facts = stored.get(h.name, {}).get("facts") or {}
+        cpu = facts.get("cpu") or {}
+        med = facts.get("mediated_pmu") or {}
+        seen = stored.get(h.name, {}).get("seen")
+        rows.append({"name": h.name, "address": h.address, "driver": h.driver, "seen": seen,
+                     "uarch": cpu.get("uarch"), "cpu": _cpu_id(cpu), "simulated": facts.get("simulated"),
+                     "mediated_pmu": med.get("status"), "reasons": med.get("reasons", []), "facts": facts})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, sort_keys=True))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table("host", "driver", "cpu", "uarch", "mediated", "last seen")
+    for r in rows:
+        med = r["mediated_pmu"] or "not probed"
+        if r["reasons"]:
+            med += ": " + "; ".join(r["reasons"])
+        t.add_row(r["name"] + (" (sim)" if r["simulated"] else ""), r["driver"], r["cpu"] or "-",
+                  r["uarch"] or "-", med, r["seen"] or "never")
+    Console().print(t)
+
+
+def _cpu_id(cpu: dict[str, Any]) -> str:
+    if not cpu.get("vendor"):
+        return ""
+    return f"{cpu['vendor']} {cpu.get('family', 0):#x}/{cpu.get('model', 0):#x}/{cpu.get('stepping')}"
+
+
+@main.command()
+@click.option("--run", "run_id", help="Run id (default: the latest run).")
+@click.option("--kernel", help="Latest run whose hosts ran this kernel release.")
+@click.option("--suite", help="Only this suite.")
+@click.option("--format", "fmt", type=click.Choice(["md", "html", "json", "csv"]), default="md", show_default=True)
+@click.pass_obj
+def matrix(ctx: Ctx, run_id: str | None, kernel: str | None, suite: str | None, fmt: str) -> None:
+    """Print the compatibility matrix: tests x microarchitectures."""
+    from orchestrator.reports import build_matrix, render_matrix
+
+    store = ctx.store
+    if kernel and not run_id:
+        run_id = next((r["id"] for r in store.runs(1000) if any(
+            (j["facts"].get("kernel") or {}).get("release") == kernel for j in store.jobs(r["id"], False))), None)
+        if not run_id:
+            fail(EXIT_INPUT, f"no stored run has a host on kernel {kernel!r}")
+    run_id = run_id or store.latest_run_id()
+    if not run_id or not store.run(run_id):
+        fail(EXIT_INPUT, f"no run {run_id!r} in {store.path}" if run_id else "no runs yet")
+    assert run_id is not None
+    click.echo(render_matrix(build_matrix(store.jobs(run_id), suite), fmt))
+
+
+@main.command()
+@click.option("--suite", "suites", multiple=True, help="Suite(s) to check (default: all).")
+@click.option("--uarch", "uarchs", multiple=True, help="Simulated uarch(es) (default: a representative set).")
+@click.option("--fault", "faults", multiple=True, help="Fault id(s) (default: the whole catalogue).")
+@click.pass_obj
+def sensitivity(ctx: Ctx, suites: tuple[str, ...], uarchs: tuple[str, ...], faults: tuple[str, ...]) -> None:
+    """Inject every fault into simulated hosts; show which tests catch it (non-zero if one is missed)."""
+    from orchestrator.sensitivity import exit_code, render_table, run_sensitivity
+
+    names = _check_suites(suites) if suites else []
+    work = ctx.state_dir / "sensitivity"
+    result = run_sensitivity(names or None, list(uarchs) or None, list(faults) or None, work)
+    click.echo(render_table(result))
+    sys.exit(exit_code(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""Inventory: load and validate ``inventory/*.yaml`` host lists; select hosts by name, label or fact."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+TABLE_FILES = {"microarch.yaml", "errata.yaml", "faults.yaml"}
+
+
+class InventoryError(ValueError):
+    """One line naming the file, the host and the field."""
+
+
+class ModelSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    uarch: str
+    errata: list[str] | None = None
+    faults: list[str] = Field(default_factory=list)
+    stepping: int | None = None
+
+
+class Host(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=NAME_PATTERN)
+    address: str = "local"
+    user: str | None = None
+    port: int | None = Field(default=None, ge=1, le=65535)
+    labels: dict[str, str] = Field(default_factory=dict)
+    driver: Literal["kvm", "model"] = "kvm"
+    model: ModelSpec | None = None
+    provision: Literal["none", "kexec", "reboot"] = "none"
+    cpu: dict[str, Any] | None = None
+    source: str = Field(default="", exclude=True)
+
+    def entry(self) -> dict[str, Any]:
+        """The host entry the agent receives (contracts §3)."""
+        return self.model_dump(exclude_none=True)
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "(host)"
+
+
+def load_file(path: Path) -> list[Host]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InventoryError(f"{path}: cannot read: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise InventoryError(f"{where}: YAML syntax error: {problem}") from None
+    if isinstance(data, dict) and "hosts" in data:
+        data = data["hosts"]
+    if not isinstance(data, list):
+        raise InventoryError(f"{path}: expected a list of hosts (or a mapping with 'hosts:'), got "
+                             f"{type(data).__name__}")
+    hosts = []
+    for i, raw in enumerate(data, 1):
+        label = f"host #{i}"
+        if isinstance(raw, dict) and isinstance(raw.get("name"), str):
+            label = f"host {raw['name']!r}"
+        if not isinstance(raw, dict):
+            raise InventoryError(f"{path}: {label}: expected a mapping, got {type(raw).__name__}")
+        try:
+            host = Host.model_validate(raw)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            msg = "required field is missing" if err["type"] == "missing" else err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown field"
+            raise InventoryError(f"{path}: {label}: field '{_field_path(err['loc'])}': {msg}") from None
+        if host.driver == "model" and host.model is None:
+            raise InventoryError(f"{path}: {label}: field 'model': required field is missing for driver model")
+        host.source = str(path)
+        hosts.append(host)
+    return hosts
+
+
+def load_inventory(path: str | Path) -> list[Host]:
+    """A file, or a directory whose ``*.yaml`` host lists are all loaded (tables are skipped)."""
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.glob("*.yaml") if f.name not in TABLE_FILES)
+        if not files:
+            raise InventoryError(f"{p}: no inventory files (*.yaml) in this directory")
+    elif p.exists():
+        files = [p]
+    else:
+        raise InventoryError(f"{p}: inventory not found")
+    hosts: dict[str, Host] = {}
+    for f in files:
+        for h in load_file(f):
+            if h.name in hosts:
+                raise InventoryError(f"{f}: host {h.name!r}: field 'name': duplicate (also in {hosts[h.name].source})")
+            hosts[h.name] = h
+    if not hosts:
+        raise InventoryError(f"{p}: the inventory lists no hosts")
+    return list(hosts.values())
+
+
+def parse_select(pairs: Iterable[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InventoryError(f"--select {pair!r}: expected key=value")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _matches(value: Any, wanted: str) -> bool:
+    if isinstance(value, bool):
+        return wanted.lower() in (("true", "1", "yes", "y") if value else ("false", "0", "no", "n"))
+    if isinstance(value, list):
+        return wanted in [str(v) for v in value]
+    if isinstance(value, int) and not isinstance(value, bool):
+        try:
+            return value == int(wanted, 0)
+        except ValueError:
+            return False
+    return str(value).lower() == wanted.lower()
+
+
+def select_hosts(hosts: list[Host], names: str | None, select: dict[str, str],
+                 facts_for: Callable[[list[Host]], dict[str, dict[str, Any]]] | None = None) -> list[Host]:
+    """``--hosts a,b`` then ``--select k=v``: labels first, then probed (flattened) facts."""
+    chosen = hosts
+    if names:
+        wanted = [n.strip() for n in names.split(",") if n.strip()]
+        by_name = {h.name: h for h in hosts}
+        unknown = [n for n in wanted if n not in by_name]
+        if unknown:
+            raise InventoryError(f"--hosts: unknown host {unknown[0]!r} (inventory has: {', '.join(by_name)})")
+        chosen = [by_name[n] for n in wanted]
+    if not select:
+        return chosen
+    fact_keys = [k for k in select if not all(k in h.labels for h in chosen)]
+    flat: dict[str, dict[str, Any]] = {}
+    if fact_keys and facts_for is not None:
+        flat = facts_for(chosen)
+    result = []
+    for h in chosen:
+        ok = True
+        for key, wanted_value in select.items():
+            if key in h.labels:
+                ok = _matches(h.labels[key], wanted_value)
+            elif key in flat.get(h.name, {}):
+                ok = _matches(flat[h.name][key], wanted_value)
+            else:
+                ok = False
+            if not ok:
+                break
+        if ok:
+            result.append(h)
+    return result

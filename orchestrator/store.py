@@ -1,0 +1,158 @@
+"""Result store: runs -> jobs (host, suite, attempt) -> test results, in SQLite (WAL).
+
+Every write of a job's results is one transaction, so a crash never leaves half a result set.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY, created TEXT NOT NULL, finished TEXT, status TEXT NOT NULL,
+    suites TEXT NOT NULL, inventory TEXT, meta TEXT NOT NULL DEFAULT '{}');
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY, run_id TEXT NOT NULL REFERENCES runs(id), host TEXT NOT NULL,
+    suite TEXT NOT NULL, attempt INTEGER NOT NULL DEFAULT 1, status TEXT NOT NULL, task_id TEXT,
+    exit_code INTEGER, facts TEXT NOT NULL DEFAULT '{}', host_entry TEXT NOT NULL DEFAULT '{}',
+    queued TEXT, started TEXT, finished TEXT, log_tail TEXT NOT NULL DEFAULT '',
+    UNIQUE(run_id, host, suite, attempt));
+CREATE TABLE IF NOT EXISTS results (
+    job_id INTEGER NOT NULL REFERENCES jobs(id), nodeid TEXT NOT NULL, suite TEXT, name TEXT,
+    classname TEXT, outcome TEXT NOT NULL, duration REAL, message TEXT, erratum TEXT);
+CREATE INDEX IF NOT EXISTS results_job ON results(job_id);
+CREATE INDEX IF NOT EXISTS jobs_run ON jobs(run_id);
+CREATE TABLE IF NOT EXISTS hosts (name TEXT PRIMARY KEY, facts TEXT NOT NULL, seen TEXT NOT NULL);
+"""
+
+FINAL_JOB_STATES = {"passed", "failed", "error", "infra_error", "timeout", "no_tests"}
+RESULT_KEYS = ("nodeid", "suite", "name", "classname", "outcome", "duration", "message", "erratum")
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class Store:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # runs -------------------------------------------------------------------------------------------
+    def create_run(self, run_id: str, suites: list[str], inventory: str, meta: dict[str, Any] | None = None) -> None:
+        with self.tx() as db:
+            db.execute("INSERT INTO runs(id, created, status, suites, inventory, meta) VALUES (?,?,?,?,?,?)",
+                       (run_id, now(), "running", json.dumps(suites), inventory, json.dumps(meta or {})))
+
+    def finish_run(self, run_id: str, status: str) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE runs SET status=?, finished=? WHERE id=?", (status, now(), run_id))
+
+    def run(self, run_id: str) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT * FROM runs WHERE id=?", (run_id,)).fetchone()
+        return self._run(row) if row else None
+
+    def runs(self, limit: int = 20) -> list[dict[str, Any]]:
+        rows = self.db.execute("SELECT * FROM runs ORDER BY created DESC, id DESC LIMIT ?", (limit,))
+        return [self._run(r) for r in rows]
+
+    def latest_run_id(self) -> str | None:
+        row = self.db.execute("SELECT id FROM runs ORDER BY created DESC, id DESC LIMIT 1").fetchone()
+        return row["id"] if row else None
+
+    @staticmethod
+    def _run(row: sqlite3.Row) -> dict[str, Any]:
+        d = dict(row)
+        d["suites"] = json.loads(d["suites"])
+        d["meta"] = json.loads(d["meta"])
+        return d
+
+    # jobs -------------------------------------------------------------------------------------------
+    def add_job(self, run_id: str, host: dict[str, Any], suite: str, attempt: int = 1) -> int:
+        with self.tx() as db:
+            cur = db.execute("INSERT INTO jobs(run_id, host, suite, attempt, status, host_entry, queued) "
+                             "VALUES (?,?,?,?,?,?,?)",
+                             (run_id, host["name"], suite, attempt, "queued", json.dumps(host), now()))
+            return int(cur.lastrowid or 0)
+
+    def set_task(self, job_id: int, task_id: str) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE jobs SET task_id=? WHERE id=?", (task_id, job_id))
+
+    def mark_running(self, job_id: int) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE jobs SET status='running', started=COALESCE(started, ?) WHERE id=? AND status='queued'",
+                       (now(), job_id))
+
+    def finish_job(self, job_id: int, job: dict[str, Any]) -> bool:
+        """Store a job's outcome and all its results atomically; a second result set is refused."""
+        status = job["status"]
+        if status not in FINAL_JOB_STATES:
+            raise ValueError(f"job {job_id}: unknown final status {status!r}")
+        with self.tx() as db:
+            row = db.execute("SELECT status FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None or row["status"] in FINAL_JOB_STATES:
+                return False
+            db.execute("UPDATE jobs SET status=?, exit_code=?, facts=?, started=COALESCE(?, started), "
+                       "finished=?, log_tail=? WHERE id=?",
+                       (status, job.get("exit_code"), json.dumps(job.get("facts") or {}), job.get("started"),
+                        job.get("finished") or now(), job.get("log_tail") or "", job_id))
+            db.executemany(f"INSERT INTO results(job_id, {', '.join(RESULT_KEYS)}) VALUES (?{',?' * len(RESULT_KEYS)})",
+                           [(job_id, *(t.get(k) for k in RESULT_KEYS)) for t in job.get("tests", [])])
+            if job.get("facts"):
+                db.execute("INSERT INTO hosts(name, facts, seen) VALUES (?,?,?) ON CONFLICT(name) DO UPDATE "
+                           "SET facts=excluded.facts, seen=excluded.seen",
+                           (job["host"], json.dumps(job["facts"]), now()))
+            return True
+
+    def jobs(self, run_id: str, with_results: bool = True) -> list[dict[str, Any]]:
+        rows = self.db.execute("SELECT * FROM jobs WHERE run_id=? ORDER BY host, suite, attempt", (run_id,)).fetchall()
+        jobs = []
+        for r in rows:
+            d = dict(r)
+            d["facts"] = json.loads(d["facts"])
+            d["host_entry"] = json.loads(d["host_entry"])
+            if with_results:
+                d["tests"] = [dict(t) for t in self.db.execute(
+                    f"SELECT {', '.join(RESULT_KEYS)} FROM results WHERE job_id=? ORDER BY rowid", (d["id"],))]
+            jobs.append(d)
+        return jobs
+
+    def counts(self, run_id: str) -> dict[str, int]:
+        rows = self.db.execute("SELECT r.outcome, COUNT(*) n FROM results r JOIN jobs j ON j.id=r.job_id "
+                               "WHERE j.run_id=? GROUP BY r.outcome", (run_id,))
+        return {r["outcome"]: r["n"] for r in rows}
+
+    # hosts ------------------------------------------------------------------------------------------
+    def record_facts(self, host: str, facts: dict[str, Any]) -> None:
+        with self.tx() as db:
+            db.execute("INSERT INTO hosts(name, facts, seen) VALUES (?,?,?) ON CONFLICT(name) DO UPDATE "
+                       "SET facts=excluded.facts, seen=excluded.seen", (host, json.dumps(facts), now()))
+
+    def host_facts(self) -> dict[str, dict[str, Any]]:
+        return {r["name"]: {"facts": json.loads(r["facts"]), "seen": r["seen"]}
+                for r in self.db.execute("SELECT * FROM hosts")}

