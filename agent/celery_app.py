@@ -32,7 +32,8 @@ def make_app(broker_url: str | None = None, backend_url: str | None = None) -> C
     broker = broker_url or os.environ.get("FARM_BROKER_URL")
     if not broker:
         raise RuntimeError("FARM_BROKER_URL is not set (redis://, rediss:// or redis+socket://)")
-    backend = backend_url or os.environ.get("FARM_RESULT_BACKEND") or _backend_for(broker)
+    # "redis+socket://" also names Celery's Redis result backend over a unix socket.
+    backend = backend_url or os.environ.get("FARM_RESULT_BACKEND") or broker
     hard = int(os.environ.get("FARM_TASK_TIME_LIMIT", 6 * 3600))
     visibility = int(os.environ.get("FARM_VISIBILITY_TIMEOUT", 3600))
     app = Celery("pmufarm", broker=broker, backend=backend, include=["agent.tasks"])
@@ -61,9 +62,3 @@ def make_app(broker_url: str | None = None, backend_url: str | None = None) -> C
     )
     return app
 
-
-def _backend_for(broker: str) -> str:
-    # Celery's Redis result backend spells a unix socket "socket://", kombu's broker "redis+socket://".
-    if broker.startswith("redis+socket://"):
-        return "socket://" + broker[len("redis+socket://"):]
-    return broker
