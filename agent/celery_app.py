@@ -55,6 +55,9 @@ def make_app(broker_url: str | None = None, backend_url: str | None = None) -> C
         broker_transport_options=transport,
         result_backend_transport_options=transport,
         broker_connection_retry_on_startup=True,
+        # A broker restart mid-run must not lose a finished suite's result.
+        result_backend_always_retry=True,
+        result_backend_max_retries=30,
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 
 import click
@@ -66,19 +67,47 @@ def run(probe_name: str, args: tuple[str, ...], driver: str, uarch: str | None, 
               help="Inventory host name(s) this worker serves; each gets queue host.<name>.")
 @click.option("--concurrency", "-c", default=1, show_default=True,
               help="Prefork processes. 1 per real host: suites own the PMU.")
+@click.option("--publish-facts/--no-publish-facts", default=True, show_default=True,
+              help="Publish this machine's facts for the host (off for workers serving simulated hosts).")
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
-def worker(hosts: tuple[str, ...], concurrency: int, loglevel: str) -> None:
-    """Serve the farm queue of HOST (needs FARM_BROKER_URL)."""
+def worker(hosts: tuple[str, ...], concurrency: int, publish_facts: bool, loglevel: str) -> None:
+    """Serve the farm queue of HOST (needs FARM_BROKER_URL); heartbeats every FARM_HEARTBEAT_INTERVAL s."""
+    from celery import signals
+
+    from agent import heartbeat
     from agent.celery_app import host_queue, make_app
 
     try:
         app = make_app()
     except RuntimeError as exc:
         raise click.UsageError(str(exc)) from None
-    queues = ",".join(host_queue(h) for h in hosts)
-    app.worker_main(["worker", "-Q", queues, "-n", f"{hosts[0]}@%h", "--pool", "prefork",
-                     "-c", str(concurrency), "-l", loglevel, "--without-mingle", "--without-gossip"])
+    node = f"{hosts[0]}@{socket.gethostname()}"
+    beat = heartbeat.Heartbeat(list(hosts), app.conf.broker_url, node)
 
+    @signals.worker_ready.connect(weak=False)
+    def _ready(**_: object) -> None:
+        for h in hosts:
+            heartbeat.set_busy(app.conf.broker_url, h, None)  # a previous life of this agent may have died busy
+        if publish_facts:
+            from agent.facts import collect_facts
+
+            for h in hosts:
+                heartbeat.publish_facts(app.conf.broker_url, h, collect_facts())
+        beat.start()
+
+    @signals.worker_process_init.connect(weak=False)
+    def _child(**_: object) -> None:
+        from agent.tasks import _die_with_parent
+
+        _die_with_parent()  # a pool process must not outlive a killed worker and finish a job twice
+
+    @signals.worker_shutdown.connect(weak=False)
+    def _shutdown(**_: object) -> None:
+        beat.stop_event.set()
+
+    queues = ",".join(host_queue(h) for h in hosts)
+    app.worker_main(["worker", "-Q", queues, "-n", node, "--pool", "prefork",
+                     "-c", str(concurrency), "-l", loglevel, "--without-mingle", "--without-gossip"])
 
 if __name__ == "__main__":
     main()

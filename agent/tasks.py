@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -17,12 +18,14 @@ from typing import Any
 
 from celery import shared_task
 
+from agent import heartbeat
 from agent.celery_app import PROBE_FACTS, RUN_SUITE
 
 log = logging.getLogger("pmufarm.agent")
 
 PYTEST_STATUS = {0: "passed", 1: "failed", 5: "no_tests"}
 LOG_TAIL = 4000
+PR_SET_PDEATHSIG = 1
 
 
 def tree_root() -> Path:
@@ -63,6 +66,15 @@ def agent_state_dir() -> Path:
     base = os.environ.get("FARM_AGENT_STATE_DIR") or os.path.join(
         os.environ.get("XDG_STATE_HOME", os.path.expanduser("~/.local/state")), "pmufarm-agent")
     return Path(base)
+
+
+def _die_with_parent() -> None:
+    """A suite must not outlive a killed agent: it would hold the PMU and write results nobody reads."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
 
 
 def _now() -> str:
@@ -139,14 +151,15 @@ def run_suite_job(host: dict[str, Any], suite: str, run_id: str, attempt: int = 
         stale.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "pytest", *targets, "-p", "no:cacheprovider", "-p", "agent.progress_plugin",
            "--pmufarm-host", str(hostfile), "--pmufarm-results", str(results), f"--junitxml={junit}",
-           "-o", f"junit_suite_name={host.get('name')}.{name}", "-q", "-rN", "--color=no"]
+           "-o", f"junit_suite_name={host.get('name')}.{name}", "-q", "-rN", "--color=no",
+           f"--rootdir={tree_root()}"]  # node ids are suites/<name>/..., whatever ini sits above the tree
     env = dict(os.environ, PMUFARM_PROGRESS_FILE=str(progress), PYTHONUNBUFFERED="1")
     tail = _ProgressTail(progress, report) if report else None
     if tail:
         tail.start()
     with tempfile.TemporaryFile(mode="w+") as logf:
         proc = subprocess.Popen(cmd, cwd=tree_root(), stdout=logf, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_die_with_parent)
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -182,15 +195,33 @@ def run_suite_job(host: dict[str, Any], suite: str, run_id: str, attempt: int = 
 @shared_task(name=RUN_SUITE, bind=True)
 def run_suite(self: Any, host: dict[str, Any], suite: str, run_id: str, attempt: int = 1,
               timeout: float = 3600, only: list[str] | None = None) -> dict[str, Any]:
+    # The worker's pid ties this job to one life of the agent: a restarted agent has another.
+    ident = {"host": host.get("name"), "suite": suite, "node": self.request.hostname, "worker_pid": os.getppid()}
+
     def report(state: dict[str, Any]) -> None:
-        self.update_state(state="PROGRESS", meta={"host": host.get("name"), "suite": suite, **state})
+        self.update_state(state="PROGRESS", meta={**ident, **state})
+
+    report({"done": 0, "total": None, "current": None})
 
     log.info("run %s: host %s suite %s attempt %d", run_id, host.get("name"), suite, attempt)
     t0 = time.monotonic()
-    job = run_suite_job(host, suite, run_id, attempt, timeout, report, only)
+    broker = self.app.conf.broker_url
+    _busy(broker, host.get("name"), {"run_id": run_id, "suite": suite, "attempt": attempt,
+                                     "node": self.request.hostname})
+    try:
+        job = run_suite_job(host, suite, run_id, attempt, timeout, report, only)
+    finally:
+        _busy(broker, host.get("name"), None)
     log.info("run %s: host %s suite %s -> %s in %.1fs", run_id, host.get("name"), suite, job["status"],
              time.monotonic() - t0)
     return job
+
+
+def _busy(broker: str, host: Any, job: dict[str, Any] | None) -> None:
+    try:
+        heartbeat.set_busy(broker, str(host), job)
+    except Exception as exc:  # liveness bookkeeping must never fail a suite
+        log.warning("busy state for %s: %s", host, exc)
 
 
 @shared_task(name=PROBE_FACTS)

@@ -18,6 +18,7 @@ from orchestrator.runner import (
     RunOptions,
     execute_run,
     job_exit_code,
+    resume_run,
     write_run_reports,
 )
 from orchestrator.store import Store
@@ -93,12 +94,14 @@ def _flat_facts_for(hosts: list[Host], ctx: Ctx) -> dict[str, dict[str, Any]]:
 def _check_suites(suites: tuple[str, ...]) -> list[str]:
     from agent.tasks import SuiteRefused, resolve_suite
 
-    names = []
+    names: list[str] = []
     for s in suites:
         try:
-            names.append(resolve_suite(s)[0])
+            name = resolve_suite(s)[0]
         except SuiteRefused as exc:
             fail(EXIT_INPUT, str(exc))
+        if name not in names:
+            names.append(name)
     return names
 
 
@@ -158,20 +161,28 @@ def runs(ctx: Ctx, limit: int) -> None:
 
 @main.command()
 @click.argument("run_id", required=False)
+@click.option("--wait", is_flag=True, help="Follow an unfinished run to its end (after an orchestrator restart).")
 @click.pass_obj
-def status(ctx: Ctx, run_id: str | None) -> None:
-    """Show a run's jobs (default: the latest run)."""
+def status(ctx: Ctx, run_id: str | None, wait: bool) -> None:
+    """Show a run's jobs (default: the latest run); picks an unfinished run up again from the store."""
     run_id = run_id or ctx.store.latest_run_id()
     run = ctx.store.run(run_id) if run_id else None
     if not run:
         fail(EXIT_INPUT, f"no run {run_id!r} in {ctx.store.path}" if run_id else "no runs yet")
-    assert run is not None
+    assert run is not None and run_id is not None
+    if run["status"] == "running":
+        try:
+            if resume_run(ctx.store, run_id, wait, echo=click.echo):
+                _write_and_summarise(ctx, run_id)
+        except RunError as exc:
+            fail(exc.code, str(exc))
+        run = ctx.store.run(run_id) or run
     click.echo(f"run {run['id']} ({run['status']}), suites {', '.join(run['suites'])}")
     jobs = ctx.store.jobs(run["id"])
     for j in jobs:
         counts = ", ".join(f"{n} {k}" for k, n in sorted(_counts(j["tests"]).items()))
         click.echo(f"  {j['host']:<20} {j['suite']:<12} attempt {j['attempt']}  {j['status']:<11} {counts}")
-    sys.exit(job_exit_code(jobs) if run["status"] == "done" else EXIT_OK)
+    sys.exit(job_exit_code([j for j in jobs if j["suite"] != "health"]) if run["status"] == "done" else EXIT_OK)
 
 
 def _counts(tests: list[dict[str, Any]]) -> dict[str, int]:
@@ -193,46 +204,95 @@ def report(ctx: Ctx, run_id: str) -> None:
 @main.command()
 @click.option("--inventory", default=DEFAULT_INVENTORY, show_default=True)
 @click.option("--probe", is_flag=True, help="Probe local and simulated hosts now instead of showing stored facts.")
+@click.option("--release", "release", metavar="NAME", help="Return a quarantined/bad/maintenance host to service.")
+@click.option("--maintenance", "maintenance", metavar="NAME", help="Take a host out of service by hand.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-def hosts(ctx: Ctx, inventory: str, probe: bool, as_json: bool) -> None:
-    """List inventory hosts with their last probed facts and mediated-vPMU verdict."""
+def hosts(ctx: Ctx, inventory: str, probe: bool, release: str | None, maintenance: str | None, as_json: bool) -> None:
+    """Hosts with state (online, busy, offline, quarantined, maintenance, bad), last seen, facts and verdict."""
     try:
         inv = load_inventory(inventory)
     except InventoryError as exc:
         fail(EXIT_INPUT, str(exc))
+    names = {h.name for h in inv}
+    for name, state, why in ((release, "unknown", "released by hand: health check before the next job"),
+                             (maintenance, "maintenance", "set by hand")):
+        if name:
+            if name not in names:
+                fail(EXIT_INPUT, f"--{'release' if state == 'unknown' else 'maintenance'}: unknown host {name!r} "
+                                 f"(inventory {inventory} has: {', '.join(sorted(names))})")
+            ctx.store.set_host_state(name, state, why, 0)
+            click.echo(f"host {name}: {state} ({why})")
+    if release or maintenance:
+        return
     if probe:
         _flat_facts_for([h for h in inv if h.driver == "model" or h.address == "local"], ctx)
-    stored = ctx.store.host_facts()
-    rows = []
-    for h in inv:
-        facts = stored.get(h.name, {}).get("facts") or {}
-        cpu = facts.get("cpu") or {}
-        med = facts.get("mediated_pmu") or {}
-        seen = stored.get(h.name, {}).get("seen")
-        rows.append({"name": h.name, "address": h.address, "driver": h.driver, "seen": seen,
-                     "uarch": cpu.get("uarch"), "cpu": _cpu_id(cpu), "simulated": facts.get("simulated"),
-                     "mediated_pmu": med.get("status"), "reasons": med.get("reasons", []), "facts": facts})
+    rows = host_rows(ctx.store, inv)
     if as_json:
         click.echo(json.dumps(rows, indent=2, sort_keys=True))
         return
     from rich.console import Console
     from rich.table import Table
 
-    t = Table("host", "driver", "cpu", "uarch", "mediated", "last seen")
+    t = Table("host", "state", "last seen", "driver", "cpu", "uarch", "mediated")
     for r in rows:
         med = r["mediated_pmu"] or "not probed"
         if r["reasons"]:
             med += ": " + "; ".join(r["reasons"])
-        t.add_row(r["name"] + (" (sim)" if r["simulated"] else ""), r["driver"], r["cpu"] or "-",
-                  r["uarch"] or "-", med, r["seen"] or "never")
-    Console().print(t)
+        out_of_service = r["state"] in ("quarantined", "maintenance", "bad")
+        state = r["state"] + (f" ({r['state_reason']})" if r["state_reason"] and out_of_service else "")
+        t.add_row(r["name"] + (" (sim)" if r["simulated"] else ""), state, _ago(r["last_seen_s"]), r["driver"],
+                  r["cpu"] or "-", r["uarch"] or "-", med)
+    Console(width=200).print(t)
+
+
+def host_rows(store: Store, inv: list[Host]) -> list[dict[str, Any]]:
+    """One row per host: stored facts and state, merged with live heartbeats when a farm broker is set."""
+    import time
+
+    stored = store.host_facts()
+    live: dict[str, dict[str, Any]] = {}
+    broker = os.environ.get("FARM_BROKER_URL")
+    if broker:
+        from agent.heartbeat import read_state, redis_from_url
+
+        try:
+            live = read_state(redis_from_url(broker))
+        except Exception as exc:  # noqa: BLE001 - an unreachable broker still lets us show stored state
+            click.echo(f"orchestrator: broker unreachable, showing stored state only: {type(exc).__name__}", err=True)
+    rows = []
+    for h in inv:
+        st = stored.get(h.name, {})
+        hb = (live.get(h.name) or {}).get("heartbeat")
+        facts = (live.get(h.name) or {}).get("facts") or st.get("facts") or {}
+        cpu, med = facts.get("cpu") or {}, facts.get("mediated_pmu") or {}
+        age = time.time() - float(hb["ts"]) if hb else None
+        state = st.get("state", "unknown")
+        if state not in ("quarantined", "maintenance", "bad"):
+            if age is None or age > 2 * float(hb.get("interval", 10)):
+                state = "offline"
+            else:
+                state = "busy" if (live.get(h.name) or {}).get("busy") else "online"
+        rows.append({"name": h.name, "address": h.address, "driver": h.driver, "state": state,
+                     "state_reason": st.get("state_reason", ""), "infra_streak": st.get("infra_streak", 0),
+                     "last_seen_s": age, "probed": st.get("seen"), "uarch": cpu.get("uarch"), "cpu": _cpu_id(cpu),
+                     "simulated": facts.get("simulated"), "mediated_pmu": med.get("status"),
+                     "reasons": med.get("reasons", []), "facts": facts})
+    return rows
+
+
+def _ago(seconds: float | None) -> str:
+    if seconds is None:
+        return "never"
+    return f"{seconds:.0f}s ago" if seconds < 120 else f"{seconds / 60:.0f}m ago"
 
 
 def _cpu_id(cpu: dict[str, Any]) -> str:
     if not cpu.get("vendor"):
         return ""
-    return f"{cpu['vendor']} {cpu.get('family', 0):#x}/{cpu.get('model', 0):#x}/{cpu.get('stepping')}"
+    stepping = cpu.get("stepping")
+    return f"{cpu['vendor']} {cpu.get('family', 0):#x}/{cpu.get('model', 0):#x}" + (
+        f"/{stepping}" if stepping is not None else "")
 
 
 @main.command()
@@ -273,6 +333,14 @@ def sensitivity(ctx: Ctx, suites: tuple[str, ...], uarchs: tuple[str, ...], faul
     click.echo(render_table(result))
     sys.exit(exit_code(result))
 
+
+def _register_optional_commands() -> None:
+    from orchestrator.gate import gate
+
+    main.add_command(gate)
+
+
+_register_optional_commands()
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,14 @@
-"""Dispatch jobs to per-host queues and collect them into the store, with progress."""
+"""Dispatch jobs to per-host queues and collect them into the store, with progress.
+
+A job ends in the store exactly once (``Store.finish_job`` refuses a second result set). A job whose
+agent dies mid-suite (its pool process lost, or its host's heartbeat stale for two intervals) is
+recorded as ``infra_error`` and sent again with attempt+1, up to ``FARM_MAX_ATTEMPTS``.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import secrets
 import sys
 import time
@@ -9,16 +16,23 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import redis
 from celery import Celery
 from celery.result import AsyncResult
 
 from agent.celery_app import RUN_SUITE, host_queue
+from agent.heartbeat import read_state, redis_from_url
+from orchestrator import health
 from orchestrator.inventory import Host
 from orchestrator.store import FINAL_JOB_STATES, Store
 
 
 def new_run_id() -> str:
     return datetime.now(UTC).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+
+
+def max_attempts() -> int:
+    return int(os.environ.get("FARM_MAX_ATTEMPTS", "2"))
 
 
 @dataclass
@@ -29,73 +43,210 @@ class Pending:
     attempt: int
     result: AsyncResult
     queued_at: float
+    only: list[str] | None = None
     started_at: float | None = None
     progress: dict[str, Any] = field(default_factory=dict)
     status: str = "queued"
 
 
-def enqueue(app: Celery, store: Store, run_id: str, hosts: list[Host], suites: list[str], timeout: float,
-            expires: float, only: dict[tuple[str, str], list[str]] | None = None) -> list[Pending]:
-    """One job per (host, suite); ``only[(host, suite)]`` restricts a job to chosen test node ids."""
-    pending = []
-    for host in hosts:
-        for suite in suites:
-            selected = (only or {}).get((host.name, suite))
-            if only is not None and not selected:
+class Dispatcher:
+    def __init__(self, app: Celery, store: Store, run_id: str, timeout: float, expires: float) -> None:
+        self.app, self.store, self.run_id = app, store, run_id
+        self.timeout, self.expires = timeout, expires
+        self.pending: list[Pending] = []
+        self._redis: redis.Redis | None = None
+        self._liveness: dict[str, dict[str, Any]] = {}
+        self._liveness_at = 0.0
+        self._broker_up_since = time.time()
+
+    # sending ----------------------------------------------------------------------------------------
+    def send(self, host: Host, suite: str, attempt: int = 1, only: list[str] | None = None,
+             job_id: int | None = None) -> Pending:
+        if job_id is None:
+            job_id = self.store.add_job(self.run_id, host.entry(), suite, attempt)
+        res = self.app.send_task(RUN_SUITE, kwargs={"host": host.entry(), "suite": suite, "run_id": self.run_id,
+                                                    "attempt": attempt, "timeout": self.timeout, "only": only},
+                                 queue=host_queue(host.name), expires=self.expires)
+        self.store.set_task(job_id, res.id)
+        p = Pending(job_id, host, suite, attempt, res, time.monotonic(), only)
+        self.pending.append(p)
+        return p
+
+    def enqueue(self, hosts: list[Host], suites: list[str],
+                only: dict[tuple[str, str], list[str]] | None = None) -> list[Pending]:
+        """One job per (host, suite); ``only[(host, suite)]`` restricts a job to chosen test node ids."""
+        sent = []
+        for host in hosts:
+            for suite in suites:
+                selected = (only or {}).get((host.name, suite))
+                if only is not None and not selected:
+                    continue
+                sent.append(self.send(host, suite, 1, selected))
+        return sent
+
+    # watching ---------------------------------------------------------------------------------------
+    def liveness(self) -> dict[str, dict[str, Any]]:
+        """Heartbeats, at most once a second; {} when the broker cannot be read (judged again later)."""
+        if time.monotonic() - self._liveness_at < 1.0:
+            return self._liveness
+        self._liveness_at = time.monotonic()
+        try:
+            if self._redis is None:
+                self._redis = redis_from_url(self.app.conf.broker_url)
+            self._liveness = read_state(self._redis)
+            # The server's own uptime also covers restarts this loop never saw failing.
+            uptime = float(self._redis.info("server")["uptime_in_seconds"])
+        except redis.RedisError:
+            self._liveness = {}
+            self._broker_up_since = float("inf")
+            return self._liveness
+        self._broker_up_since = min(time.time(), max(time.time() - uptime, self._broker_up_since_floor()))
+        return self._liveness
+
+    def _broker_up_since_floor(self) -> float:
+        return self._broker_up_since if self._broker_up_since != float("inf") else 0.0
+
+    def _stale(self, host: str) -> float | None:
+        """Seconds since the host's last heartbeat when that exceeds two intervals, else None."""
+        hb = (self.liveness().get(host) or {}).get("heartbeat")
+        if not hb:
+            return None
+        now, limit = time.time(), 2 * float(hb.get("interval", 10))
+        age = now - float(hb["ts"])
+        # After a broker outage the agents need a moment to beat again; don't blame them for it.
+        if now - self._broker_up_since < limit:
+            return None
+        return age if age > limit else None
+
+    def _restarted(self, p: Pending) -> str | None:
+        """The agent that started this job is gone but its host beats again: a new life of the agent."""
+        started_by = p.progress.get("worker_pid")
+        hb = (self.liveness().get(p.host.name) or {}).get("heartbeat")
+        if not started_by or not hb or hb.get("pid") == started_by:
+            return None
+        if time.time() - float(hb["ts"]) > 2 * float(hb.get("interval", 10)):
+            return None  # not beating at all: _stale() speaks for that
+        return (f"agent on {p.host.name} restarted mid-suite (worker pid {started_by} gone, now {hb.get('pid')}); "
+                "agent lost mid-suite")
+
+    def poll_once(self) -> list[Pending]:
+        """Advance every job one step; returns the jobs that changed (for progress output)."""
+        changed = []
+        for p in list(self.pending):
+            if p.status in FINAL_JOB_STATES:
                 continue
-            job_id = store.add_job(run_id, host.entry(), suite)
-            res = app.send_task(RUN_SUITE, kwargs={"host": host.entry(), "suite": suite, "run_id": run_id,
-                                                   "attempt": 1, "timeout": timeout, "only": selected},
-                                queue=host_queue(host.name), expires=expires)
-            store.set_task(job_id, res.id)
-            pending.append(Pending(job_id, host, suite, 1, res, time.monotonic()))
-    return pending
+            try:
+                step = self._step(p)
+            except (redis.RedisError, OSError, ConnectionError):
+                continue  # broker restarting: the job is still where it was; look again next round
+            if step:
+                changed.append(p)
+        return changed
 
-
-def _infra(p: Pending, why: str) -> dict[str, Any]:
-    return {"host": p.host.name, "suite": p.suite, "status": "infra_error", "exit_code": None, "facts": {},
-            "tests": [], "log_tail": why}
-
-
-def poll_once(store: Store, pending: list[Pending], timeout: float, expires: float) -> list[Pending]:
-    """Advance every job one step; returns the jobs that changed (for progress output)."""
-    changed = []
-    for p in pending:
-        if p.status in FINAL_JOB_STATES:
-            continue
+    def _step(self, p: Pending) -> bool:
         state = p.result.state
         job: dict[str, Any] | None = None
+        retry = False
         if state == "SUCCESS":
             job = p.result.result
         elif state == "FAILURE":
-            job = {**_infra(p, f"agent task failed: {p.result.result!r}"), "status": "error"}
+            err = p.result.result
+            lost = type(err).__name__ in ("WorkerLostError", "TimeLimitExceeded")
+            kind = "timeout" if type(err).__name__ == "TimeLimitExceeded" else "infra_error"
+            job = self._infra(p, f"agent task failed: {type(err).__name__}: {err}",
+                              kind if lost else "error")
+            retry = lost and kind == "infra_error"
         elif state == "REVOKED":
-            job = _infra(p, f"job expired: no agent took it within {expires:g}s (host {p.host.name} offline?)")
+            job = self._infra(p, f"job expired: no agent took it within {self.expires:g}s "
+                                 f"(host {p.host.name} offline?)")
         elif state in ("STARTED", "PROGRESS"):
+            changed = False
             if p.started_at is None:
                 p.started_at = time.monotonic()
-                store.mark_running(p.job_id)
+                self.store.mark_running(p.job_id)
                 p.status = "running"
-                changed.append(p)
+                changed = True
             info = p.result.info if state == "PROGRESS" and isinstance(p.result.info, dict) else {}
             if info and info != p.progress:
                 p.progress = info
-                changed.append(p)
-            if time.monotonic() - p.started_at > timeout + 120:
-                job = {**_infra(p, f"no result {timeout + 120:g}s after the job started (agent lost?)"),
-                       "status": "timeout"}
-        elif time.monotonic() - p.queued_at > expires:
+                changed = True
+            stale = self._stale(p.host.name)
+            restarted = self._restarted(p)
+            if restarted:
+                job = self._infra(p, restarted)
+                retry = True
+            elif stale is not None:
+                job = self._infra(p, f"host {p.host.name} stopped heartbeating ({stale:.0f}s since the last "
+                                     "heartbeat); agent lost mid-suite")
+                retry = True
+            elif time.monotonic() - p.started_at > self.timeout + 120:
+                job = self._infra(p, f"no result {self.timeout + 120:g}s after the job started", "timeout")
+            if job is None:
+                return changed
+        elif time.monotonic() - p.queued_at > self.expires:
             p.result.revoke()
-            job = _infra(p, f"job expired: no agent took it within {expires:g}s (host {p.host.name} offline?)")
-        if job is not None:
-            if not isinstance(job, dict) or job.get("status") not in FINAL_JOB_STATES:
-                job = {**_infra(p, f"agent returned an unusable result: {str(job)[:200]}"), "status": "error"}
-            store.finish_job(p.job_id, job)
-            p.status = job["status"]
-            p.progress = {"tests": job.get("tests", []), "log_tail": job.get("log_tail", "")}
-            changed.append(p)
+            job = self._infra(p, f"job expired: no agent took it within {self.expires:g}s "
+                                 f"(host {p.host.name} offline?)")
+        else:
+            return False
+        self._finish(p, job, retry)
+        return True
+
+    def _infra(self, p: Pending, why: str, status: str = "infra_error") -> dict[str, Any]:
+        return {"host": p.host.name, "suite": p.suite, "status": status, "exit_code": None, "facts": {},
+                "tests": [], "log_tail": why}
+
+    def _finish(self, p: Pending, job: Any, retry: bool) -> None:
+        if not isinstance(job, dict) or job.get("status") not in FINAL_JOB_STATES:
+            job = {**self._infra(p, f"agent returned an unusable result: {str(job)[:200]}"), "status": "error"}
+        stored = self.store.finish_job(p.job_id, job)
+        p.status = job["status"]
+        p.progress = {"tests": job.get("tests", []), "log_tail": job.get("log_tail", "")}
+        if stored and p.suite == health.HEALTH_SUITE:
+            health.record_health(self.store, p.host.name, job)
+        elif stored:
+            health.record_job(self.store, p.host.name, job)
+        with contextlib.suppress(redis.RedisError):
             p.result.forget()
-    return changed
+        if retry:
+            p.result.revoke()
+            if p.attempt < max_attempts():
+                self.send(p.host, p.suite, p.attempt + 1, p.only)
+
+    def done(self) -> bool:
+        return all(p.status in FINAL_JOB_STATES for p in self.pending)
+
+    def wait(self, interval: float = 0.2, tty: bool | None = None) -> None:
+        tty = sys.stdout.isatty() if tty is None else tty
+        if tty:
+            self._wait_rich(interval)
+            return
+        for p in self.pending:
+            _line(f"{p.host.name} {p.suite}: queued")
+        while not self.done():
+            for p in self.poll_once():
+                _line(f"{p.host.name} {p.suite}" + (f" (attempt {p.attempt})" if p.attempt > 1 else "")
+                      + f": {describe(p)}")
+            time.sleep(interval)
+
+    def _wait_rich(self, interval: float) -> None:
+        from rich.live import Live
+        from rich.table import Table
+
+        def table() -> Table:
+            t = Table(box=None, pad_edge=False)
+            for col in ("host", "suite", "try", "state"):
+                t.add_column(col)
+            for p in self.pending:
+                t.add_row(p.host.name, p.suite, str(p.attempt), describe(p))
+            return t
+
+        with Live(table(), refresh_per_second=4, transient=False) as live:
+            while not self.done():
+                if self.poll_once():
+                    live.update(table())
+                time.sleep(interval)
+            live.update(table())
 
 
 def outcome_counts(tests: list[dict[str, Any]]) -> dict[str, int]:
@@ -115,44 +266,11 @@ def describe(p: Pending) -> str:
         return f"running {done}/{total if total is not None else '?'}" + (f"  {cur}" if cur else "")
     counts = outcome_counts(p.progress.get("tests", []))
     detail = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
-    if p.status in ("infra_error", "timeout", "error") and not counts:
-        detail = (p.progress.get("log_tail") or "").strip().splitlines()[0][:120] if p.progress.get("log_tail") else ""
+    tail = (p.progress.get("log_tail") or "").strip()
+    if p.status in ("infra_error", "timeout", "error") and not counts and tail:
+        detail = tail.splitlines()[0][:120]
     return f"{p.status}" + (f" ({detail})" if detail else "")
-
-
-def wait(store: Store, pending: list[Pending], timeout: float, expires: float, interval: float = 0.2,
-         tty: bool | None = None) -> None:
-    tty = sys.stdout.isatty() if tty is None else tty
-    if tty:
-        _wait_rich(store, pending, timeout, expires, interval)
-        return
-    for p in pending:
-        _line(f"{p.host.name} {p.suite}: queued")
-    while any(p.status not in FINAL_JOB_STATES for p in pending):
-        for p in poll_once(store, pending, timeout, expires):
-            _line(f"{p.host.name} {p.suite}: {describe(p)}")
-        time.sleep(interval)
 
 
 def _line(text: str) -> None:
     print(f"{datetime.now().strftime('%H:%M:%S')} {text}", flush=True)
-
-
-def _wait_rich(store: Store, pending: list[Pending], timeout: float, expires: float, interval: float) -> None:
-    from rich.live import Live
-    from rich.table import Table
-
-    def table() -> Table:
-        t = Table(box=None, pad_edge=False)
-        for col in ("host", "suite", "state"):
-            t.add_column(col)
-        for p in pending:
-            t.add_row(p.host.name, p.suite, describe(p))
-        return t
-
-    with Live(table(), refresh_per_second=4, transient=False) as live:
-        while any(p.status not in FINAL_JOB_STATES for p in pending):
-            if poll_once(store, pending, timeout, expires):
-                live.update(table())
-            time.sleep(interval)
-        live.update(table())

@@ -109,8 +109,9 @@ class Worker:
     """One ``agent worker`` process serving one or more host queues."""
 
     def __init__(self, hosts: list[str], broker_url: str, log_dir: Path, concurrency: int = 1,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, publish_facts: bool = True) -> None:
         self.hosts, self.broker_url, self.concurrency = hosts, broker_url, concurrency
+        self.publish_facts = publish_facts
         self.log_path = log_dir / f"worker-{hosts[0]}.log"
         self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
@@ -124,6 +125,8 @@ class Worker:
         cmd = [sys.executable, "-m", "agent.cli", "worker", "-c", str(self.concurrency), "-l", "INFO"]
         for h in self.hosts:
             cmd += ["--host", h]
+        if not self.publish_facts:
+            cmd.append("--no-publish-facts")
         env = dict(os.environ, FARM_BROKER_URL=self.broker_url, **self.env)
         env.pop("FARM_RESULT_BACKEND", None)
         with open(self.log_path, "ab") as log:
@@ -179,7 +182,8 @@ class LocalFarm:
             self.workers = [Worker([h], self.redis.url, logs).start() for h in self.kvm_hosts]
             if self.model_hosts:
                 # Simulated hosts share one worker: they own no hardware.
-                self.workers.append(Worker(self.model_hosts, self.redis.url, logs, self.sim_concurrency).start())
+                self.workers.append(Worker(self.model_hosts, self.redis.url, logs, self.sim_concurrency,
+                                           publish_facts=False).start())
         except BaseException:
             self.close()
             raise

@@ -6,6 +6,7 @@ Shared by `orchestrator submit` and `orchestrator gate`.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,14 @@ class RunOptions:
 
 
 def job_exit_code(jobs: list[dict[str, Any]]) -> int:
-    """Test failures win over infrastructure errors: they are findings; infra errors are 'unknown'."""
+    """Test failures win over infrastructure errors: they are findings; infra errors are 'unknown'.
+
+    Only the last attempt of each (host, suite) counts: a retried infra error that then ran is settled.
+    """
+    last: dict[tuple[str, str], dict[str, Any]] = {}
+    for j in sorted(jobs, key=lambda j: j.get("attempt", 1)):
+        last[(j["host"], j["suite"])] = j
+    jobs = list(last.values())
     statuses = {j["status"] for j in jobs}
     outcomes = {t["outcome"] for j in jobs for t in j.get("tests", [])}
     if statuses & {"failed", "error"} or outcomes & {"failed", "error", "xpassed"}:
@@ -53,7 +61,7 @@ def execute_run(store: Store, state_dir: Path, hosts: list[Host], suites: list[s
     Raises RunError for input/infrastructure problems; KeyboardInterrupt marks the run interrupted.
     """
     from agent.celery_app import make_app
-    from orchestrator import dispatch
+    from orchestrator import dispatch, health
     from orchestrator.localfarm import LocalFarm, LocalFarmError, wait_for_workers
 
     broker = os.environ.get("FARM_BROKER_URL")
@@ -64,6 +72,11 @@ def execute_run(store: Store, state_dir: Path, hosts: list[Host], suites: list[s
     if remote and not broker:
         raise RunError(EXIT_INPUT, f"host {remote[0]!r} is remote: set FARM_BROKER_URL to the farm broker and start "
                                    "its agent (agent worker --host NAME)")
+    hosts, refused = health.split_usable(store, hosts)
+    for h, why in refused:
+        echo(f"host {h.name} is out of service ({why}); `orchestrator hosts --release {h.name}` returns it")
+    if not hosts:
+        raise RunError(EXIT_INFRA, "no host in service among the selected ones")
     run_id = dispatch.new_run_id()
     farm = None
     try:
@@ -76,11 +89,22 @@ def execute_run(store: Store, state_dir: Path, hosts: list[Host], suites: list[s
         if farm:
             wait_for_workers(app, farm.workers)
         store.create_run(run_id, suites, inventory, opts.meta)
+        unchecked = [h for h in hosts if health.needs_health_check(store, h)]
+        if unchecked and not opts.no_wait:
+            echo(f"health check first on {', '.join(h.name for h in unchecked)}")
+            checker = dispatch.Dispatcher(app, store, run_id, min(opts.timeout, 300), opts.expires)
+            checker.enqueue(unchecked, [health.HEALTH_SUITE])
+            checker.wait(tty=opts.tty)
+            failed = [h for h in unchecked if store.host_state(h.name)["state"] != "good"]
+            for h in failed:
+                echo(f"host {h.name} left out: {store.host_state(h.name)['state_reason'] or 'health check failed'}")
+            hosts = [h for h in hosts if h not in failed]
         echo(f"run {run_id}: {len(suites)} suite(s) on {len(hosts)} host(s)")
-        pending = dispatch.enqueue(app, store, run_id, hosts, suites, opts.timeout, opts.expires, opts.only)
+        runner = dispatch.Dispatcher(app, store, run_id, opts.timeout, opts.expires)
+        runner.enqueue(hosts, suites, opts.only)
         if opts.no_wait:
             return run_id
-        dispatch.wait(store, pending, opts.timeout, opts.expires, tty=opts.tty)
+        runner.wait(tty=opts.tty)
         store.finish_run(run_id, "done")
     except LocalFarmError as exc:
         if store.run(run_id):
@@ -93,6 +117,10 @@ def execute_run(store: Store, state_dir: Path, hosts: list[Host], suites: list[s
     finally:
         if farm:
             farm.close()
+            # kombu pools are process-global and keyed by URL; the next local farm reuses the socket path.
+            from kombu import pools
+
+            pools.reset()
     return run_id
 
 
@@ -109,6 +137,59 @@ def write_run_reports(store: Store, run_id: str, reports_dir: Path, baseline: di
     run = store.run(run_id)
     if run is None:
         raise RunError(EXIT_INPUT, f"no run {run_id!r} in {store.path}")
-    jobs = store.jobs(run_id)
+    from orchestrator.health import HEALTH_SUITE
+
+    # Health checks decide host states; they are not results of the suites asked for.
+    jobs = [j for j in store.jobs(run_id) if j["suite"] != HEALTH_SUITE or HEALTH_SUITE in run["suites"]]
     kwargs = {"baseline": baseline} if baseline is not None else {}
     return write_reports(report_run(run), jobs, reports_dir / run_id, **kwargs), jobs
+
+
+def resume_run(store: Store, run_id: str, wait: bool, opts: RunOptions | None = None, echo: Any = print) -> bool:
+    """Pick a run up again from the store (after an orchestrator restart); returns whether it is done.
+
+    Needs the farm broker: the local default's private Redis died with the process that started it,
+    so its unfinished jobs can only be marked lost.
+    """
+    from celery.result import AsyncResult
+
+    from agent.celery_app import make_app
+    from orchestrator import dispatch
+    from orchestrator.inventory import Host
+    from orchestrator.store import FINAL_JOB_STATES
+
+    run = store.run(run_id)
+    if run is None:
+        raise RunError(EXIT_INPUT, f"no run {run_id!r} in {store.path}")
+    open_jobs = [j for j in store.jobs(run_id, with_results=False) if j["status"] not in FINAL_JOB_STATES]
+    if not open_jobs:
+        if run["status"] == "running":
+            store.finish_run(run_id, "done")
+        return True
+    broker = os.environ.get("FARM_BROKER_URL")
+    if not broker:
+        for j in open_jobs:
+            store.finish_job(j["id"], {"host": j["host"], "suite": j["suite"], "status": "infra_error",
+                                       "tests": [], "log_tail": "orchestrator stopped before the job finished "
+                                       "(local default: its private broker is gone)"})
+        store.finish_run(run_id, "interrupted")
+        return True
+    opts = opts or RunOptions()
+    app = make_app(broker)
+    d = dispatch.Dispatcher(app, store, run_id, opts.timeout, opts.expires)
+    for j in open_jobs:
+        # Unknown queue age after a restart: the expiry window starts again now.
+        p = dispatch.Pending(j["id"], Host.model_validate(j["host_entry"]), j["suite"], j["attempt"],
+                             AsyncResult(j["task_id"], app=app), time.monotonic())
+        if j["status"] == "running":
+            p.status, p.started_at = "running", p.queued_at
+        d.pending.append(p)
+    echo(f"run {run_id}: resuming {len(open_jobs)} open job(s)")
+    if wait:
+        d.wait(tty=opts.tty)
+    else:
+        d.poll_once()
+    if d.done():
+        store.finish_run(run_id, "done")
+        return True
+    return False

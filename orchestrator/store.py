@@ -30,6 +30,10 @@ CREATE INDEX IF NOT EXISTS results_job ON results(job_id);
 CREATE INDEX IF NOT EXISTS jobs_run ON jobs(run_id);
 CREATE TABLE IF NOT EXISTS hosts (name TEXT PRIMARY KEY, facts TEXT NOT NULL, seen TEXT NOT NULL);
 """
+# Columns added after the first schema; added in place so existing stores keep their results.
+HOST_COLUMNS = {"state": "TEXT NOT NULL DEFAULT 'unknown'", "infra_streak": "INTEGER NOT NULL DEFAULT 0",
+                "state_reason": "TEXT NOT NULL DEFAULT ''", "state_changed": "TEXT"}
+HOST_STATES = ("unknown", "good", "bad", "quarantined", "maintenance")
 
 FINAL_JOB_STATES = {"passed", "failed", "error", "infra_error", "timeout", "no_tests"}
 RESULT_KEYS = ("nodeid", "suite", "name", "classname", "outcome", "duration", "message", "erratum")
@@ -48,6 +52,10 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        have = {r["name"] for r in self.db.execute("PRAGMA table_info(hosts)")}
+        for col, decl in HOST_COLUMNS.items():
+            if col not in have:
+                self.db.execute(f"ALTER TABLE hosts ADD COLUMN {col} {decl}")
 
     def close(self) -> None:
         self.db.close()
@@ -129,6 +137,10 @@ class Store:
                            (job["host"], json.dumps(job["facts"]), now()))
             return True
 
+    def job_row(self, job_id: int) -> dict[str, Any]:
+        row = self.db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return dict(row) if row else {}
+
     def jobs(self, run_id: str, with_results: bool = True) -> list[dict[str, Any]]:
         rows = self.db.execute("SELECT * FROM jobs WHERE run_id=? ORDER BY host, suite, attempt", (run_id,)).fetchall()
         jobs = []
@@ -136,6 +148,7 @@ class Store:
             d = dict(r)
             d["facts"] = json.loads(d["facts"])
             d["host_entry"] = json.loads(d["host_entry"])
+            d["host_cpu"] = d["host_entry"].get("cpu")  # inventory's expectation, for hosts that never answered
             if with_results:
                 d["tests"] = [dict(t) for t in self.db.execute(
                     f"SELECT {', '.join(RESULT_KEYS)} FROM results WHERE job_id=? ORDER BY rowid", (d["id"],))]
@@ -154,5 +167,21 @@ class Store:
                        "SET facts=excluded.facts, seen=excluded.seen", (host, json.dumps(facts), now()))
 
     def host_facts(self) -> dict[str, dict[str, Any]]:
-        return {r["name"]: {"facts": json.loads(r["facts"]), "seen": r["seen"]}
+        return {r["name"]: {"facts": json.loads(r["facts"]), "seen": r["seen"], "state": r["state"],
+                            "infra_streak": r["infra_streak"], "state_reason": r["state_reason"],
+                            "state_changed": r["state_changed"]}
                 for r in self.db.execute("SELECT * FROM hosts")}
+
+    def host_state(self, host: str) -> dict[str, Any]:
+        row = self.db.execute("SELECT state, infra_streak, state_reason FROM hosts WHERE name=?", (host,)).fetchone()
+        return dict(row) if row else {"state": "unknown", "infra_streak": 0, "state_reason": ""}
+
+    def set_host_state(self, host: str, state: str, reason: str = "", infra_streak: int | None = None) -> None:
+        if state not in HOST_STATES:
+            raise ValueError(f"unknown host state {state!r}")
+        with self.tx() as db:
+            db.execute("INSERT INTO hosts(name, facts, seen) VALUES (?, '{}', ?) ON CONFLICT(name) DO NOTHING",
+                       (host, now()))
+            db.execute("UPDATE hosts SET state=?, state_reason=?, state_changed=?, "
+                       "infra_streak=COALESCE(?, infra_streak) WHERE name=?",
+                       (state, reason, now(), infra_streak, host))

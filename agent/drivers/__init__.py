@@ -27,4 +27,8 @@ def make_driver(host: dict[str, Any], facts: dict[str, Any]) -> Driver:
         from agent.drivers.model import ModelDriver
 
         return ModelDriver(host, facts)
-    raise ValueError(f"host {host.get('name', '?')}: unknown driver {kind!r} (known: kvm, model)")
+    if kind == "guest":
+        from agent.drivers.guest import GuestDriver
+
+        return GuestDriver(facts)
+    raise ValueError(f"host {host.get('name', '?')}: unknown driver {kind!r} (known: kvm, model, guest)")

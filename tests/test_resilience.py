@@ -1,0 +1,202 @@
+"""Farm robustness with real parts: a real redis-server (AOF on, as a farm broker should run), real agent
+workers that the test kills, stops and restarts, and the real `orchestrator` CLI in farm mode.
+
+Nothing is mocked: workers die by SIGKILL, wedge by SIGSTOP, and Redis really restarts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from orchestrator.localfarm import RedisServer, Worker, free_port
+from orchestrator.store import Store
+from tests.conftest import ROOT, TREE, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "broker", port=free_port(), extra=["--appendonly", "yes"]).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def env(tmp_path: Path, broker: RedisServer) -> dict[str, str]:
+    return {"FARM_STATE_DIR": str(tmp_path / "st"), "FARM_AGENT_STATE_DIR": str(tmp_path / "agent"),
+            "PMUFARM_TREE": str(TREE), "FARM_BROKER_URL": broker.url, "FARM_HEARTBEAT_INTERVAL": "1",
+            "PMUFARM_TEST_MARKER": str(tmp_path / "executions.txt")}
+
+
+def inventory(tmp_path: Path, names: list[str]) -> Path:
+    inv = tmp_path / "farm.yaml"
+    inv.write_text("hosts:\n" + "".join(f"  - {{name: {n}, address: local}}\n" for n in names))
+    return inv
+
+
+def mark_good(env: dict[str, str], names: list[str]) -> None:
+    """Skip the first-job health check: these tests are about what happens after it."""
+    store = Store(Path(env["FARM_STATE_DIR"]) / "pmufarm.sqlite")
+    for n in names:
+        store.set_host_state(n, "good", "checked by the test", 0)
+    store.close()
+
+
+def start_worker(env: dict[str, str], names: list[str], log_dir: Path) -> Worker:
+    worker_env = {k: v for k, v in env.items() if k != "FARM_BROKER_URL"}
+    return Worker(names, env["FARM_BROKER_URL"], log_dir, env=worker_env, publish_facts=False).start()
+
+
+def submit_bg(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("FARM_")} | env
+    return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], cwd=ROOT, env=full, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def busy(broker: RedisServer) -> dict[str, dict]:
+    try:
+        return {k.decode(): json.loads(v) for k, v in broker.client().hgetall("pmufarm:busy").items()}
+    except redis.RedisError:
+        return {}
+
+
+def wait_for(cond, timeout: float, what: str, proc: subprocess.Popen[str] | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"orchestrator exited ({proc.returncode}) while waiting for {what}:\n{proc.stdout.read()}")
+        time.sleep(0.1)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def db(env: dict[str, str], sql: str) -> list[tuple]:
+    with sqlite3.connect(Path(env["FARM_STATE_DIR"]) / "pmufarm.sqlite") as conn:
+        return conn.execute(sql).fetchall()
+
+
+def test_worker_sigkill_mid_suite_ten_times(tmp_path: Path, broker: RedisServer, env: dict[str, str]) -> None:
+    """Ten jobs, each one's first attempt killed mid-suite: 0 results lost, 0 duplicated."""
+    names = [f"h{i}" for i in range(10)]
+    env |= {"FARM_MAX_ATTEMPTS": "3", "FARM_QUARANTINE_AFTER": "100", "PMUFARM_TEST_SLEEP": "2.5"}
+    mark_good(env, names)
+    worker = start_worker(env, names, tmp_path / "logs")
+    proc = submit_bg(env, "--reports-dir", str(tmp_path / "r"), "submit", "suites/slow", "--inventory",
+                     str(inventory(tmp_path, names)), "--expires", "120")
+    killed: set[str] = set()
+    try:
+        while len(killed) < 10:
+            job = wait_for(lambda: [h for h, b in busy(broker).items() if b["attempt"] == 1 and h not in killed],
+                           60, f"kill #{len(killed) + 1}", proc)[0]
+            time.sleep(0.8)  # inside the suite's sleep
+            os.killpg(worker.proc.pid, signal.SIGKILL)
+            worker.proc.wait()
+            killed.add(job)
+            worker = start_worker(env, names, tmp_path / "logs")
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        worker.stop()
+    assert proc.returncode == 0, out
+    assert len(killed) == 10
+    rows = db(env, "SELECT host, attempt, status, (SELECT COUNT(*) FROM results r WHERE r.job_id=j.id) "
+                   "FROM jobs j WHERE suite='slow' ORDER BY host, attempt")
+    for name in names:
+        mine = [r for r in rows if r[0] == name]
+        finals = [r for r in mine if r[2] == "passed"]
+        assert len(finals) == 1 and finals[0][3] == 1, mine  # exactly one result set landed
+        assert all(r[2] == "infra_error" and r[3] == 0 for r in mine if r[2] != "passed"), mine
+        assert mine[0][1] == 1 and mine[0][2] == "infra_error", mine  # the killed attempt
+    assert db(env, "SELECT COUNT(*) FROM results") == [(10,)]
+
+
+def test_redis_restart_mid_run(tmp_path: Path, broker: RedisServer, env: dict[str, str]) -> None:
+    env |= {"PMUFARM_TEST_SLEEP": "4"}
+    mark_good(env, ["solo"])
+    worker = start_worker(env, ["solo"], tmp_path / "logs")
+    proc = submit_bg(env, "--reports-dir", str(tmp_path / "r"), "submit", "suites/slow", "--inventory",
+                     str(inventory(tmp_path, ["solo"])))
+    try:
+        wait_for(lambda: busy(broker), 60, "the suite to start", proc)
+        broker.stop()  # SIGTERM: Redis syncs its append-only file and exits
+        time.sleep(1)
+        broker.start()
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        worker.stop()
+    assert proc.returncode == 0, out
+    assert db(env, "SELECT status, log_tail FROM jobs WHERE suite='slow'")[0][0] == "passed", out
+    assert db(env, "SELECT COUNT(*) FROM results") == [(1,)]
+
+
+def test_wedged_host_is_quarantined(tmp_path: Path, broker: RedisServer, env: dict[str, str]) -> None:
+    """SIGSTOP the worker mid-suite: heartbeats stop, the job is infra_error (never a failure), the retry
+    finds no agent, and two infrastructure errors in a row quarantine the host."""
+    env |= {"PMUFARM_TEST_SLEEP": "20", "FARM_QUARANTINE_AFTER": "2", "FARM_MAX_ATTEMPTS": "2"}
+    mark_good(env, ["wedge"])
+    inv = inventory(tmp_path, ["wedge"])
+    worker = start_worker(env, ["wedge"], tmp_path / "logs")
+    proc = submit_bg(env, "--reports-dir", str(tmp_path / "r"), "submit", "suites/slow", "--inventory", str(inv),
+                     "--expires", "3")
+    try:
+        wait_for(lambda: busy(broker), 60, "the suite to start", proc)
+        stopped_at = time.monotonic()
+        os.killpg(worker.proc.pid, signal.SIGSTOP)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 3, out  # infrastructure, not a test failure
+        statuses = db(env, "SELECT attempt, status FROM jobs WHERE suite='slow' ORDER BY attempt")
+        assert statuses == [(1, "infra_error"), (2, "infra_error")], statuses
+        log_tail = db(env, "SELECT log_tail FROM jobs WHERE attempt=1")[0][0]
+        assert "stopped heartbeating" in log_tail
+        assert time.monotonic() - stopped_at < 2 * 1 + 3 + 3 + 10  # detection within 2 intervals, plus expiry
+        rows = json.loads(run_cli("hosts", "--inventory", str(inv), "--json", env=env).stdout)
+        assert rows[0]["state"] == "quarantined" and "2 infrastructure errors" in rows[0]["state_reason"]
+        again = run_cli("submit", "suites/slow", "--inventory", str(inv), env=env)
+        assert again.returncode == 3 and "out of service" in again.stdout + again.stderr
+        released = run_cli("hosts", "--inventory", str(inv), "--release", "wedge", env=env)
+        assert released.returncode == 0
+        rows = json.loads(run_cli("hosts", "--inventory", str(inv), "--json", env=env).stdout)
+        assert rows[0]["state"] != "quarantined"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.killpg(worker.proc.pid, signal.SIGCONT)
+        worker.stop()
+
+
+def test_orchestrator_restart_picks_run_up(tmp_path: Path, broker: RedisServer, env: dict[str, str]) -> None:
+    env |= {"PMUFARM_TEST_SLEEP": "3"}
+    mark_good(env, ["solo"])
+    worker = start_worker(env, ["solo"], tmp_path / "logs")
+    proc = submit_bg(env, "--reports-dir", str(tmp_path / "r"), "submit", "suites/slow", "suites/smoke",
+                     "--inventory", str(inventory(tmp_path, ["solo"])))
+    try:
+        wait_for(lambda: busy(broker), 60, "the suite to start", proc)
+        proc.kill()  # the orchestrator dies mid-run; the agent carries on
+        proc.wait()
+        run_id = db(env, "SELECT id FROM runs")[0][0]
+        assert db(env, "SELECT status FROM runs") == [("running",)]
+        st = run_cli("--reports-dir", str(tmp_path / "r"), "status", run_id, "--wait", env=env, timeout=120)
+    finally:
+        worker.stop()
+    assert st.returncode == 0, st.stdout + st.stderr
+    assert db(env, "SELECT status FROM runs") == [("done",)]
+    assert sorted(db(env, "SELECT suite, status FROM jobs")) == [("slow", "passed"), ("smoke", "passed")]
+    assert (tmp_path / "r" / run_id / "summary.md").exists()
