@@ -1,20 +1,24 @@
 # pmufarm: one entry point for setup, the native harness and the tests.
 PYTHON ?= python3
-APT_PACKAGES ?= chromium cpuid
+APT_PACKAGES ?= chromium cpuid busybox-static qemu-system-x86 openssh-server iproute2
 
 .PHONY: setup native test lint bench clean
 
 setup:
 	$(PYTHON) -m pip install -q -e '.[test]'
-	@# Debian extras: chromium renders the HTML matrix test, cpuid decodes dumps; tests skip naming what is missing.
+	@# Debian extras: chromium renders the HTML matrix test, cpuid decodes dumps, busybox + qemu boot the perf
+	@# guest, sshd + iproute2 make the deploy test's hosts. Tests skip naming whatever is missing.
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) >/dev/null \
 	    || echo "setup: could not install$$missing; the tests that need them will skip"; fi
 	$(MAKE) -s native
+	@# A bootable guest kernel (Debian's linux-image, unpacked into ~/.cache/pmufarm, not installed).
+	-$(PYTHON) -m agent.guestimage fetch-kernel
 
 native:
 	$(MAKE) -s -C agent/native all asan
+	$(MAKE) -s -C agent/native/guest
 
 test: setup
 	$(PYTHON) -m ruff check .

@@ -28,6 +28,16 @@ def interval() -> float:
     return float(os.environ.get("FARM_HEARTBEAT_INTERVAL", "10"))
 
 
+_clients: dict[str, redis.Redis] = {}
+
+
+def _client(url: str) -> redis.Redis:
+    """One pooled client per URL and process (tasks call in often; connections are not free)."""
+    if url not in _clients:
+        _clients[url] = redis_from_url(url)
+    return _clients[url]
+
+
 def redis_from_url(url: str) -> redis.Redis:
     """A redis-py client for a Celery broker URL (redis://, rediss://, redis+socket://)."""
     if url.startswith("redis+socket://"):
@@ -59,11 +69,11 @@ class Heartbeat(threading.Thread):
 
 
 def publish_facts(broker_url: str, host: str, facts: dict[str, Any]) -> None:
-    redis_from_url(broker_url).hset(FACTS_KEY, host, json.dumps(facts))
+    _client(broker_url).hset(FACTS_KEY, host, json.dumps(facts))
 
 
 def set_busy(broker_url: str, host: str, job: dict[str, Any] | None) -> None:
-    client = redis_from_url(broker_url)
+    client = _client(broker_url)
     if job is None:
         client.hdel(BUSY_KEY, host)
     else:

@@ -163,6 +163,55 @@ SUITE_PROBES: dict[str, list[str]] = {
 }
 
 
+COUNT_DEFAULTS = {"iterations": 1_000_000, "runs": 5}
+SAMPLE_DEFAULTS = {"iterations": 50_000_000, "period": 1_000_000}
+
+_GUEST = ('"accel": "kvm"|"tcg", "accel_reason": str, "boot_s": s, "guest_kernel": release, '
+          '"guest_hypervisor_id": "KVMKVMKVM"|"TCGTCGTCGTCG"')
+_EVENT = ('{"errno": 0, "error": null, "baseline": [c per run, loop(0)], "counts": [c per run, loop(N)], '
+          '"multiplexed": false}')
+
+GUEST_PROBES: dict[str, ProbeSpec] = {p.name: p for p in [
+    ProbeSpec("guest_boot", False, {},
+              "a Linux guest boots (QEMU, KVM or TCG), runs the static perfload workload and returns its JSON "
+              "on the serial console; a software event (task-clock) opens in the guest; no PMU needed",
+              _GUEST + ', "workload_rc": 0, "guest_task_clock": {"errno": e, "count": ns or null}, '
+                       '"guest_hw_events": {"instructions": errno, "branches": errno, "cycles": errno}'),
+    ProbeSpec("guest_perf_count", True, dict(COUNT_DEFAULTS),
+              "user-only (exclude_kernel) counting of instructions, branches and cycles over a loop of "
+              "3 instructions and 1 branch per iteration, in the guest and on the host (same binary); each run "
+              "measures loop(0) (baseline) and loop(N)",
+              _GUEST + ', "iterations": N, "runs": R, "loop": {"instructions": 3N, "branches": N}, '
+                       '"guest": {"instructions": EV, "branches": EV, "cycles": EV}, "host": {same}, '
+                       '"guest_exclude_guest": 0, "host_exclude_guest": 1 -- EV = ' + _EVENT),
+    ProbeSpec("guest_perf_sample", True, dict(SAMPLE_DEFAULTS),
+              "instructions sampled with sample_period=period over the loop (N iterations), overflow signals "
+              "(SIGIO) and PERF_RECORD_SAMPLE records counted, in the guest and on the host",
+              _GUEST + ', "iterations": N, "period": P, "loop_instructions": 3N, "guest": {"samples": s, '
+                       '"signals": g, "lost": l, "throttle": t, "count": total instructions counted, '
+                       '"multiplexed": bool, "errno": 0}, "host": {same}'),
+    ProbeSpec("guest_perf_enum", True, {},
+              "the guest's own CPUID PMU enumeration, its perf PMU in sysfs, and the largest group of GP-only "
+              "events (branches) its perf can schedule, with the host's facts for KVM's supported PMU",
+              _GUEST + ', "guest_cpuid": {"vendor_id", "leaf_0xa": {...}, "perfctr_core", "perfmon_v2", '
+                       '"amd_core_counters", "gp_counters": n, "gp_counters_source": str}, "guest_sysfs_pmu": '
+                       '{"cpu_present": bool, "type": n, "caps": {...}}, "guest_max_group": k, '
+                       '"group_stop": {"stopped_by": str, "errno": e}, "guest_nmi_watchdog": 0, '
+                       '"guest_kernel_pmu_log": [lines], "host_kvm_supported_pmu": {...facts...}'),
+    ProbeSpec("host_include_guest", True, {},
+              "the host opens a user-only instructions event WITHOUT exclude_guest (and with it) before a KVM "
+              "guest starts, while it runs, and after it is gone",
+              '"accel": "kvm", "before_vm": {"without_exclude_guest_errno": e, "with_exclude_guest_errno": e}, '
+              '"while_vm": {same}, "after_vm": {same}, "guest_booted": true'),
+]}
+
+# Guest-perf probes need a real Linux guest; only the guest driver answers them, so they stay a
+# catalogue of their own rather than entries every driver must serve.
+GUEST_SUITE_PROBES: dict[str, list[str]] = {
+    "guest_perf": ["guest_boot", "guest_perf_count", "guest_perf_sample", "guest_perf_enum", "host_include_guest"],
+}
+
+
 def parse_params(spec: ProbeSpec, pairs: list[str] | dict[str, Any]) -> dict[str, Any]:
     """Merge ``k=v`` arguments (or a dict) over the probe's defaults, typed like the defaults."""
     params = dict(spec.params)

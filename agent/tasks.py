@@ -114,13 +114,59 @@ class _ProgressTail(threading.Thread):
         return offset + consumed
 
 
+class _ForkedPytest:
+    """``pytest.main`` in a forked child: crash-isolated like a subprocess, without its start-up cost."""
+
+    def __init__(self, args: list[str], env: dict[str, str], logf: Any) -> None:
+        import pytest  # noqa: F401 - imported before the fork so every child inherits it warm
+
+        import agent.drivers.model  # noqa: F401
+        import agent.plugin  # noqa: F401
+
+        logf.flush()
+        self.pid = os.fork()
+        if self.pid == 0:  # child: never returns
+            code = 70
+            try:
+                os.setsid()
+                _die_with_parent()
+                os.chdir(tree_root())
+                os.environ.clear()
+                os.environ.update(env)
+                os.dup2(logf.fileno(), 1)
+                os.dup2(logf.fileno(), 2)
+                code = int(pytest_main(args))
+            finally:
+                os._exit(code)
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = time.monotonic() + timeout if timeout is not None else None
+        delay = 0.005
+        while True:
+            pid, status = os.waitpid(self.pid, os.WNOHANG if deadline is not None else 0)
+            if pid:
+                return os.waitstatus_to_exitcode(status)
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired("pytest", timeout)
+            time.sleep(delay)
+            delay = min(delay * 2, 0.02)
+
+
+def pytest_main(args: list[str]) -> int:
+    import pytest
+
+    sys.stdout = os.fdopen(1, "w", buffering=1)
+    sys.stderr = os.fdopen(2, "w", buffering=1)
+    return int(pytest.main(args))
+
+
 def run_suite_job(host: dict[str, Any], suite: str, run_id: str, attempt: int = 1, timeout: float = 3600,
                   report: Any = None, only: list[str] | None = None) -> dict[str, Any]:
     """Run one suite for one host; always returns a job dict (contracts §5), never raises for test outcomes."""
     started = _now()
     job: dict[str, Any] = {"run_id": run_id, "host": host.get("name"), "suite": suite, "attempt": attempt,
                            "status": "error", "exit_code": None, "facts": {}, "tests": [],
-                           "started": started, "finished": None, "log_tail": "", "junit_xml": None}
+                           "started": started, "finished": None, "log_tail": ""}
     try:
         name, suite_dir = resolve_suite(suite)
     except SuiteRefused as exc:
@@ -153,13 +199,18 @@ def run_suite_job(host: dict[str, Any], suite: str, run_id: str, attempt: int = 
            "--pmufarm-host", str(hostfile), "--pmufarm-results", str(results), f"--junitxml={junit}",
            "-o", f"junit_suite_name={host.get('name')}.{name}", "-q", "-rN", "--color=no",
            f"--rootdir={tree_root()}"]  # node ids are suites/<name>/..., whatever ini sits above the tree
-    env = dict(os.environ, PMUFARM_PROGRESS_FILE=str(progress), PYTHONUNBUFFERED="1")
-    tail = _ProgressTail(progress, report) if report else None
-    if tail:
-        tail.start()
+    # Only the project's plugins: a farm host's stray pytest plugins must not change a suite (nor slow it).
+    env = dict(os.environ, PMUFARM_PROGRESS_FILE=str(progress), PYTHONUNBUFFERED="1",
+               PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
+    simulated = host.get("driver", "kvm") == "model"
     with tempfile.TemporaryFile(mode="w+") as logf:
-        proc = subprocess.Popen(cmd, cwd=tree_root(), stdout=logf, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True, preexec_fn=_die_with_parent)
+        # Simulated hosts own no hardware: a fork of this warm process skips interpreter start-up and imports.
+        proc = _ForkedPytest(cmd[3:], env, logf) if simulated else subprocess.Popen(
+            cmd, cwd=tree_root(), stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            preexec_fn=_die_with_parent)
+        tail = _ProgressTail(progress, report) if report else None
+        if tail:
+            tail.start()
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -178,7 +229,7 @@ def run_suite_job(host: dict[str, Any], suite: str, run_id: str, attempt: int = 
         data = json.loads(results.read_text())
         job["tests"] = data.get("tests", [])
     if junit.exists():
-        job["junit_xml"] = junit.read_text()
+        job["junit_path"] = str(junit)  # the agent's own copy; the orchestrator renders its reports
     if rc is None:
         job["status"] = "timeout"
         job["log_tail"] = f"hard timeout after {timeout:g}s; suite killed\n" + job["log_tail"]

@@ -41,7 +41,8 @@ def measure(quick: bool = False, suite: str = "suites/isolation") -> dict:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FARM_")}
         env.update(FARM_STATE_DIR=str(tmpdir / "state"), FARM_AGENT_STATE_DIR=str(tmpdir / "agent"))
         server = RedisServer(tmpdir).start()
-        worker = Worker(["local"], server.url, tmpdir / "logs", env={"FARM_AGENT_STATE_DIR": env["FARM_AGENT_STATE_DIR"]})
+        worker = Worker(["local"], server.url, tmpdir / "logs",
+                        env={"FARM_AGENT_STATE_DIR": env["FARM_AGENT_STATE_DIR"]})
         worker.start()
         try:
             wait_for_workers(make_app(server.url), [worker])

@@ -139,7 +139,7 @@ def _write_and_summarise(ctx: Ctx, run_id: str) -> int:
         paths, jobs = write_run_reports(ctx.store, run_id, ctx.reports_dir)
     except RunError as exc:
         fail(exc.code, str(exc))
-    counts = ctx.store.counts(run_id)
+    counts = _counts([t for j in jobs for t in j["tests"]])
     click.echo(f"run {run_id}: " + (", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no test results"))
     for j in jobs:
         if j["status"] in ("infra_error", "timeout", "error"):

@@ -221,12 +221,17 @@ class Dispatcher:
         if tty:
             self._wait_rich(interval)
             return
+        shown: dict[int, str] = {}
         for p in self.pending:
             _line(f"{p.host.name} {p.suite}: queued")
+            shown[p.job_id] = "queued"
         while not self.done():
             for p in self.poll_once():
-                _line(f"{p.host.name} {p.suite}" + (f" (attempt {p.attempt})" if p.attempt > 1 else "")
-                      + f": {describe(p)}")
+                text = describe(p)
+                if shown.get(p.job_id) != text:  # one line per visible change, not per heartbeat of progress
+                    shown[p.job_id] = text
+                    _line(f"{p.host.name} {p.suite}" + (f" (attempt {p.attempt})" if p.attempt > 1 else "")
+                          + f": {text}")
             time.sleep(interval)
 
     def _wait_rich(self, interval: float) -> None:

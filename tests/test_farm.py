@@ -36,10 +36,12 @@ def test_submit_two_hosts_reaches_store_and_junit(tmp_path: Path, farm_env: dict
                 env=farm_env)
     assert r.returncode == 0, r.stdout + r.stderr
     # Two workers on distinct queues each ran the suite once.
-    jobs = db_rows(farm_env, "SELECT host, suite, status, attempt FROM jobs ORDER BY host")
-    assert jobs == [("alpha", "smoke", "passed", 1), ("beta", "smoke", "passed", 1)]
+    jobs = db_rows(farm_env, "SELECT host, suite, status, attempt FROM jobs ORDER BY host, id")
+    # A new host is health-checked before its first job (LAVA style), then runs the suite.
+    assert jobs == [("alpha", "health", "passed", 1), ("alpha", "smoke", "passed", 1),
+                    ("beta", "health", "passed", 1), ("beta", "smoke", "passed", 1)]
     outcomes = db_rows(farm_env, "SELECT j.host, r.name, r.outcome FROM results r JOIN jobs j ON j.id=r.job_id "
-                                 "ORDER BY j.host, r.name")
+                                 "WHERE j.suite='smoke' ORDER BY j.host, r.name")
     assert ("alpha", "test_passes", "passed") in outcomes and ("beta", "test_skips", "skipped") in outcomes
     assert len(outcomes) == 6
     run_id = db_rows(farm_env, "SELECT id FROM runs")[0][0]
@@ -67,11 +69,12 @@ def test_long_suite_runs_exactly_once(tmp_path: Path, farm_env: dict[str, str]) 
            "PMUFARM_TEST_MARKER": str(marker), "PMUFARM_TEST_SLEEP": "6"}
     inv = tmp_path / "one.yaml"
     inv.write_text("- {name: solo, address: local}\n")
-    r = run_cli("--reports-dir", str(tmp_path / "r"), "submit", "suites/slow", "suites/slow", "--inventory",
+    r = run_cli("--reports-dir", str(tmp_path / "r"), "submit", "suites/slow", "suites/slow2", "--inventory",
                 str(inv), env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     assert len(marker.read_text().split()) == 2  # two jobs, two executions, no redelivery
-    assert db_rows(farm_env, "SELECT COUNT(*) FROM results") == [(2,)]
+    assert db_rows(farm_env, "SELECT COUNT(*) FROM results r JOIN jobs j ON j.id=r.job_id "
+                             "WHERE j.suite != 'health'") == [(2,)]
 
 
 def test_crashing_suite_is_error_and_worker_survives(tmp_path: Path, farm_env: dict[str, str]) -> None:
@@ -80,7 +83,7 @@ def test_crashing_suite_is_error_and_worker_survives(tmp_path: Path, farm_env: d
     r = run_cli("--reports-dir", str(tmp_path / "r"), "submit", "suites/crash", "suites/smoke", "--inventory",
                 str(inv), env=farm_env)
     assert r.returncode == 1, r.stdout + r.stderr
-    jobs = db_rows(farm_env, "SELECT suite, status, log_tail FROM jobs ORDER BY id")
+    jobs = db_rows(farm_env, "SELECT suite, status, log_tail FROM jobs WHERE suite != 'health' ORDER BY id")
     assert jobs[0][:2] == ("crash", "error") and "signal 6" in jobs[0][2]
     # The same single worker process then ran the next suite.
     assert jobs[1][:2] == ("smoke", "passed")

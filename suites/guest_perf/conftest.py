@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from agent.drivers.guest import GUEST_PROBES, GuestDriver
-from agent.protocol import ProbeResult, parse_params
+from agent.drivers.guest import GuestDriver
+from agent.protocol import GUEST_PROBES, ProbeResult, parse_params
 
 
 @pytest.fixture(scope="session")

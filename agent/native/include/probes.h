@@ -1,0 +1,96 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * The probe catalogue (agent/protocol.py PROBES is the source of truth: same names, parameters,
+ * defaults and observation keys) and the context every probe runs in.
+ */
+#ifndef PMUFARM_PROBES_H
+#define PMUFARM_PROBES_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "caps.h"
+#include "json.h"
+#include "pmu.h"
+#include "vm.h"
+
+enum probe_status { PROBE_OK, PROBE_UNSUPPORTED, PROBE_ERROR };
+
+#define PROBE_MAX_PARAMS 3
+#define PROBE_STR_LEN    32
+
+struct probe_param {
+	const char *name;
+	bool is_str;
+	int64_t def_int, min_int, max_int;
+	const char *def_str;
+	const char *const *choices;     /* NULL-terminated, for string parameters */
+};
+
+struct probe_ctx;
+
+struct probe {
+	const char *name;
+	bool needs_pmu;
+	struct probe_param params[PROBE_MAX_PARAMS];
+	enum probe_status (*run)(struct probe_ctx *c);
+};
+
+struct probe_ctx {
+	const struct probe *probe;
+	struct host_caps *caps;
+	const struct pmu_layout *l;     /* the host vendor's table (NULL: unknown vendor) */
+	struct pmu_info pmu;            /* the guest's PMU: KVM_GET_SUPPORTED_CPUID's view */
+	struct json *obs;               /* the open "observations" object */
+	char reason[1024];
+	int64_t ival[PROBE_MAX_PARAMS];
+	char sval[PROBE_MAX_PARAMS][PROBE_STR_LEN];
+	int cpu;                        /* pinned CPU, -1 if not pinned */
+};
+
+extern const struct probe probe_table[];
+extern const int probe_count;
+
+const struct probe *probe_find(const char *name);
+/* Parse k=v arguments into c (defaults first).  -1 with c->reason naming the argument. */
+int probe_parse_args(struct probe_ctx *c, int argc, char **argv);
+int64_t arg_int(const struct probe_ctx *c, const char *name);
+const char *arg_str(const struct probe_ctx *c, const char *name);
+
+__attribute__((format(printf, 2, 3)))
+enum probe_status probe_fail(struct probe_ctx *c, const char *fmt, ...);
+__attribute__((format(printf, 2, 3)))
+enum probe_status probe_unsupported(struct probe_ctx *c, const char *fmt, ...);
+
+/* Helpers shared by the probe files (lib/probe.c). */
+int probe_vm(struct probe_ctx *c, struct vm *vm, struct vcpu **v, const struct vm_opts *o);
+void json_exceptions(struct json *j, const struct vcpu *v);
+void json_workload(struct json *j, uint64_t n, uint64_t exits);
+uint64_t now_ns(void);
+
+/* Programming the guest PMU through batches. */
+void g_pmu_quiesce(struct probe_ctx *c, struct vcpu *v);   /* global ctrl 0, selectors 0, counters 0 */
+struct guest_cmd *g_measure(struct probe_ctx *c, struct vcpu *v, uint64_t enable_mask, uint64_t n,
+			    bool exit_each);
+
+/* Probes, by catalogue section. */
+enum probe_status probe_selftest(struct probe_ctx *c);
+enum probe_status probe_guest_count(struct probe_ctx *c);
+enum probe_status probe_host_excludes_guest(struct probe_ctx *c);
+enum probe_status probe_exclusivity(struct probe_ctx *c);
+enum probe_status probe_fresh_state(struct probe_ctx *c);
+enum probe_status probe_cross_context(struct probe_ctx *c);
+enum probe_status probe_unexposed(struct probe_ctx *c);
+enum probe_status probe_pmu_disabled(struct probe_ctx *c);
+enum probe_status probe_arch_events(struct probe_ctx *c);
+enum probe_status probe_disabled_counter(struct probe_ctx *c);
+enum probe_status probe_counter_width(struct probe_ctx *c);
+enum probe_status probe_global_ctrl(struct probe_ctx *c);
+enum probe_status probe_overflow_status(struct probe_ctx *c);
+enum probe_status probe_rdpmc(struct probe_ctx *c);
+enum probe_status probe_event_filter(struct probe_ctx *c);
+enum probe_status probe_filter_update(struct probe_ctx *c);
+enum probe_status probe_filter_invalid(struct probe_ctx *c);
+enum probe_status probe_pmi(struct probe_ctx *c);
+
+#endif

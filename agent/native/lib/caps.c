@@ -1,0 +1,318 @@
+// SPDX-License-Identifier: GPL-2.0
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/kvm.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <unistd.h>
+
+#include "caps.h"
+#include "vm.h"
+
+__attribute__((format(printf, 2, 3)))
+static void reason(struct host_caps *c, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (c->nreasons >= CAPS_MAX_REASONS)
+		return;
+	va_start(ap, fmt);
+	vsnprintf(c->reasons[c->nreasons++], CAPS_REASON_LEN, fmt, ap);
+	va_end(ap);
+}
+
+/* A module parameter: 1 for Y/1, 0 for N/0, -1 if absent or unreadable. */
+static int read_bool_param(const char *module, const char *param)
+{
+	char path[256], buf[16] = "";
+	FILE *f;
+
+	snprintf(path, sizeof(path), "/sys/module/%s/parameters/%s", module, param);
+	f = fopen(path, "re");
+	if (!f)
+		return -1;
+	if (!fgets(buf, sizeof(buf), f))
+		buf[0] = '\0';
+	fclose(f);
+	if (buf[0] == 'Y' || buf[0] == 'y' || buf[0] == '1')
+		return 1;
+	if (buf[0] == 'N' || buf[0] == 'n' || buf[0] == '0')
+		return 0;
+	return -1;
+}
+
+static bool module_loaded(const char *module)
+{
+	char path[256];
+
+	snprintf(path, sizeof(path), "/sys/module/%s", module);
+	return access(path, F_OK) == 0;
+}
+
+/* "kvm, kvm_pvm": every loaded module whose name starts with kvm. */
+static void list_kvm_modules(char *out, size_t len)
+{
+	DIR *d = opendir("/sys/module");
+	struct dirent *e;
+	size_t used = 0;
+
+	out[0] = '\0';
+	if (!d)
+		return;
+	while ((e = readdir(d))) {
+		if (strncmp(e->d_name, "kvm", 3) || (e->d_name[3] && e->d_name[3] != '_'))
+			continue;
+		used += (size_t)snprintf(out + used, used < len ? len - used : 0, "%s%s",
+					 used ? ", " : "", e->d_name);
+		if (used >= len)
+			break;
+	}
+	closedir(d);
+}
+
+static int64_t read_perf_capabilities(void)
+{
+	uint64_t v;
+	int fd = open("/dev/cpu/0/msr", O_RDONLY | O_CLOEXEC);
+	ssize_t n;
+
+	if (fd < 0)
+		return -1;
+	n = pread(fd, &v, sizeof(v), MSR_IA32_PERF_CAPABILITIES);
+	close(fd);
+	return n == (ssize_t)sizeof(v) ? (int64_t)(v & INT64_MAX) : -1;
+}
+
+static void get_kvm_supported_cpuid(struct host_caps *c, int kvm_fd)
+{
+	for (int nent = 256; nent <= 4096; nent *= 2) {
+		struct kvm_cpuid2 *t = calloc(1, sizeof(*t) + (size_t)nent * sizeof(t->entries[0]));
+
+		if (!t)
+			return;
+		t->nent = (uint32_t)nent;
+		if (ioctl(kvm_fd, KVM_GET_SUPPORTED_CPUID, t) == 0) {
+			c->kvm_cpuid = t;
+			return;
+		}
+		free(t);
+		if (errno != E2BIG)
+			return;
+	}
+}
+
+static void verdict(struct host_caps *c)
+{
+	const struct pmu_layout *l = c->layout;
+	const struct pmu_info *h = &c->host_pmu, *k = &c->kvm_pmu;
+
+	if (!c->dev_kvm)
+		reason(c, "/dev/kvm: %s", strerror(c->dev_kvm_errno));
+	if (c->enable_pmu == 0)
+		reason(c, "kvm.enable_pmu=N");
+	else if (c->enable_pmu < 0)
+		reason(c, "kvm.enable_pmu unknown (/sys/module/kvm/parameters/enable_pmu unreadable)");
+	if (!l) {
+		reason(c, "CPU vendor '%s' is neither GenuineIntel nor AuthenticAMD", c->vendor_id);
+		return;
+	}
+	if (!c->vendor_module_loaded)
+		reason(c, "no %s module, so %s.enable_mediated_pmu is absent (KVM modules here: %s)",
+		       l->kvm_module, l->kvm_module, c->kvm_modules[0] ? c->kvm_modules : "none");
+	else if (c->enable_mediated_pmu < 0)
+		reason(c, "%s.enable_mediated_pmu is absent (mediated vPMU needs Linux 7.0+)",
+		       l->kvm_module);
+	else if (c->enable_mediated_pmu == 0)
+		reason(c, "%s.enable_mediated_pmu=N", l->kvm_module);
+
+	if (l == &intel_layout) {
+		if (h->version < 4)
+			reason(c, "host CPUID 0xA reports arch PMU version %d (mediated needs >= 4)",
+			       h->version);
+		if (!h->pdcm)
+			reason(c, "host CPUID 0x1 has no PDCM, so no IA32_PERF_CAPABILITIES full-width writes");
+		else if (c->perf_capabilities >= 0 && !(c->perf_capabilities & PERF_CAP_FW_WRITES))
+			reason(c, "IA32_PERF_CAPABILITIES bit 13 (full-width writes) is clear");
+		if (h->hybrid)
+			reason(c, "hybrid CPU (CPUID 0x7 EDX[15]): KVM disables the vPMU");
+	} else {
+		if (!h->perfmon_v2)
+			reason(c, "host CPUID 0x80000022 reports no PerfMonV2");
+	}
+	if (c->dev_kvm && k->gp == 0)
+		reason(c, "KVM supported CPUID enumerates 0 GP counters");
+}
+
+void caps_collect(struct host_caps *c)
+{
+	uint32_t r[4] = { 0 };
+	int kvm_fd;
+
+	memset(c, 0, sizeof(*c));
+	c->perf_capabilities = -1;
+	c->cap_pmu_capability = c->cap_pmu_event_filter = c->cap_irqchip = -1;
+
+	cpuid_vendor(&host_cpuid_view, c->vendor_id);
+	c->layout = pmu_layout_for(c->vendor_id);
+	host_cpuid_view.get(&host_cpuid_view, 1, 0, r);
+	c->family = (int)((r[0] >> 8) & 0xf);
+	c->model = (int)((r[0] >> 4) & 0xf);
+	if (c->family == 0xf)
+		c->family += (int)((r[0] >> 20) & 0xff);
+	if (c->family >= 6)
+		c->model |= (int)((r[0] >> 16) & 0xf) << 4;
+	c->stepping = (int)(r[0] & 0xf);
+	c->hypervisor = r[2] >> 31 & 1;
+	if (c->layout) {
+		c->layout->decode(&host_cpuid_view, &c->host_pmu);
+		if (c->host_pmu.pdcm)
+			c->perf_capabilities = read_perf_capabilities();
+	}
+
+	c->enable_pmu = read_bool_param("kvm", "enable_pmu");
+	list_kvm_modules(c->kvm_modules, sizeof(c->kvm_modules));
+	c->enable_mediated_pmu = -1;
+	if (c->layout) {
+		c->vendor_module_loaded = module_loaded(c->layout->kvm_module);
+		c->enable_mediated_pmu = read_bool_param(c->layout->kvm_module, "enable_mediated_pmu");
+	}
+
+	kvm_fd = open("/dev/kvm", O_RDWR | O_CLOEXEC);
+	if (kvm_fd < 0) {
+		c->dev_kvm_errno = errno;
+	} else {
+		c->dev_kvm = true;
+		c->cap_pmu_capability = ioctl(kvm_fd, KVM_CHECK_EXTENSION, KVM_CAP_PMU_CAPABILITY);
+		c->cap_pmu_event_filter = ioctl(kvm_fd, KVM_CHECK_EXTENSION, KVM_CAP_PMU_EVENT_FILTER);
+		c->cap_irqchip = ioctl(kvm_fd, KVM_CHECK_EXTENSION, KVM_CAP_IRQCHIP);
+		get_kvm_supported_cpuid(c, kvm_fd);
+		close(kvm_fd);
+		if (c->kvm_cpuid && c->layout) {
+			struct cpuid_view kv = kvm_cpuid_view(c->kvm_cpuid);
+
+			c->layout->decode(&kv, &c->kvm_pmu);
+		}
+	}
+	verdict(c);
+}
+
+void caps_free(struct host_caps *c)
+{
+	free(c->kvm_cpuid);
+	c->kvm_cpuid = NULL;
+}
+
+void caps_reason(const struct host_caps *c, char *out, size_t len)
+{
+	size_t used = 0;
+
+	out[0] = '\0';
+	for (int i = 0; i < c->nreasons && used < len; i++)
+		used += (size_t)snprintf(out + used, len - used, "%s%s", i ? "; " : "", c->reasons[i]);
+}
+
+static void json_tristate(struct json *j, const char *key, int v)
+{
+	if (v < 0)
+		json_null(j, key);
+	else
+		json_bool(j, key, v);
+}
+
+void pmu_info_json(const struct pmu_layout *l, const struct pmu_info *p, struct json *j,
+		   const char *key)
+{
+	json_obj_begin(j, key);
+	json_i64(j, "version", p->version);
+	json_i64(j, "gp_counters", p->gp);
+	json_i64(j, "gp_width", p->gp_width);
+	json_i64(j, "fixed_counters", __builtin_popcount(p->fixed_mask));
+	json_i64(j, "fixed_width", p->fixed_width);
+	json_u64(j, "fixed_counters_mask", p->fixed_mask);
+	json_arr_begin(j, "arch_events");
+	for (size_t i = 0; l && i < l->nevents; i++)
+		if (p->events_mask >> i & 1)
+			json_str(j, NULL, l->events[i].name);
+	json_arr_end(j);
+	json_u64(j, "arch_events_mask", p->events_mask);
+	json_bool(j, "pdcm", p->pdcm);
+	json_bool(j, "hybrid", p->hybrid);
+	json_bool(j, "perfctr_core", p->perfctr_core);
+	json_bool(j, "perfmon_v2", p->perfmon_v2);
+	json_i64(j, "amd_core_counters", p->amd_core_counters);
+	json_obj_end(j);
+}
+
+/* Boot a one-vCPU VM and take a #GP on RDPMC: proves the VMM and the guest IDT work here. */
+static void vm_selfcheck(struct json *j)
+{
+	struct vm vm;
+	struct vm_opts o = { .irqchip = true };
+	struct vcpu *v = NULL;
+	struct guest_cmd *rdpmc, *fast;
+	int ok;
+
+	json_obj_begin(j, "vm");
+	ok = vm_create(&vm, &o) == 0 && vcpu_add(&vm, 0, &v) == 0;
+	if (ok) {
+		batch_begin(v);
+		rdpmc = g_rdpmc(v, 0);
+		fast = g_rdpmc(v, RDPMC_FAST);
+		ok = batch_run(v, NULL) == 0;
+	}
+	json_bool(j, "runs", ok);
+	if (ok) {
+		json_null(j, "error");
+		json_str(j, "irqchip", irqchip_name(vm.irqchip));
+		json_bool(j, "guest_idt", true);
+		json_opt_i64(j, "rdpmc_vector", rdpmc->vector);
+		json_opt_i64(j, "fast_rdpmc_vector", fast->vector);
+	} else {
+		json_str(j, "error", vm.err);
+	}
+	json_obj_end(j);
+	vm_destroy(&vm);
+}
+
+void caps_json(struct host_caps *c, struct json *j)
+{
+	json_obj_begin(j, NULL);
+	json_str(j, "vendor", c->layout ? c->layout->vendor : "unknown");
+	json_str(j, "vendor_id", c->vendor_id);
+	json_i64(j, "family", c->family);
+	json_i64(j, "model", c->model);
+	json_i64(j, "stepping", c->stepping);
+	json_bool(j, "hypervisor", c->hypervisor);
+	pmu_info_json(c->layout, &c->host_pmu, j, "host_pmu");
+	json_opt_i64(j, "perf_capabilities", c->perf_capabilities);
+	json_obj_begin(j, "kvm");
+	json_bool(j, "dev_kvm", c->dev_kvm);
+	if (c->dev_kvm)
+		json_null(j, "dev_kvm_error");
+	else
+		json_str(j, "dev_kvm_error", strerror(c->dev_kvm_errno));
+	json_str(j, "modules", c->kvm_modules);
+	json_str(j, "vendor_module", c->layout ? c->layout->kvm_module : "");
+	json_bool(j, "vendor_module_loaded", c->vendor_module_loaded);
+	json_tristate(j, "enable_pmu", c->enable_pmu);
+	json_tristate(j, "enable_mediated_pmu", c->enable_mediated_pmu);
+	json_opt_i64(j, "cap_pmu_capability", c->cap_pmu_capability);
+	json_opt_i64(j, "cap_pmu_event_filter", c->cap_pmu_event_filter);
+	json_opt_i64(j, "cap_irqchip", c->cap_irqchip);
+	pmu_info_json(c->layout, &c->kvm_pmu, j, "supported_pmu");
+	json_obj_end(j);
+	json_obj_begin(j, "mediated_pmu");
+	json_str(j, "status", c->nreasons ? "unavailable" : "available");
+	json_arr_begin(j, "reasons");
+	for (int i = 0; i < c->nreasons; i++)
+		json_str(j, NULL, c->reasons[i]);
+	json_arr_end(j);
+	json_obj_end(j);
+	if (c->dev_kvm)
+		vm_selfcheck(j);
+	json_obj_end(j);
+}

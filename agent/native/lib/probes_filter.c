@@ -1,0 +1,290 @@
+// SPDX-License-Identifier: GPL-2.0
+/* KVM_SET_PMU_EVENT_FILTER probes: what the guest counts under each filter shape, a filter
+ * change while the guest's selector stays programmed, and the ioctl's input validation. */
+#include <errno.h>
+#include <linux/kvm.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+
+#include "probes.h"
+
+/* Masked events arrived in Linux 6.3; the build host's headers may predate them. */
+#ifndef KVM_PMU_EVENT_FLAG_MASKED_EVENTS
+#define KVM_PMU_EVENT_FLAG_MASKED_EVENTS (1U << 0)
+#endif
+#define MASKED_ENTRY(sel, mask, match, exclude)						\
+	(((uint64_t)(sel) & 0xffULL) | (((uint64_t)(sel) & 0xf00ULL) << 24) |		\
+	 (((uint64_t)(mask) & 0xffULL) << 56) | (((uint64_t)(match) & 0xffULL) << 8) |	\
+	 ((uint64_t)!!(exclude) << 55))
+#define FILTER_MAX_EVENTS 300   /* KVM_PMU_EVENT_FILTER_MAX_EVENTS */
+
+static const struct vm_opts default_opts = { .irqchip = true };
+
+struct filter {
+	bool set;
+	uint32_t action, flags, fixed_bitmap, nevents;
+	uint64_t events[8];
+};
+
+/* KVM_SET_PMU_EVENT_FILTER: 0 or errno.  nevents may exceed the array (too_many_events case). */
+static int set_filter(struct vm *vm, uint32_t action, uint32_t flags, uint32_t fixed_bitmap,
+		      const uint64_t *events, uint32_t nevents)
+{
+	struct kvm_pmu_event_filter *f;
+	int ret = 0;
+
+	f = calloc(1, sizeof(*f) + (size_t)nevents * sizeof(f->events[0]));
+	if (!f)
+		return ENOMEM;
+	f->action = action;
+	f->flags = flags;
+	f->fixed_counter_bitmap = fixed_bitmap;
+	f->nevents = nevents;
+	if (events)
+		memcpy(f->events, events, (size_t)nevents * sizeof(f->events[0]));
+	if (ioctl(vm->fd, KVM_SET_PMU_EVENT_FILTER, f) < 0)
+		ret = errno;
+	free(f);
+	return ret;
+}
+
+static enum probe_status need_counters(struct probe_ctx *c, int gp)
+{
+	if (!c->pmu.has_global)
+		return probe_unsupported(c, "the guest PMU (KVM supported CPUID, version %d) has no "
+					 "global control register", c->pmu.version);
+	if (c->pmu.gp < gp)
+		return probe_unsupported(c, "the guest PMU enumerates %d GP counters (needs %d)",
+					 c->pmu.gp, gp);
+	return PROBE_OK;
+}
+
+/* The filter each case sets; the same shapes as agent/drivers/model.py. */
+static int build_case(struct probe_ctx *c, const char *name, struct filter *f)
+{
+	const struct pmu_layout *l = c->l;
+	const struct pmu_event *insn = pmu_event(l, "instructions"), *br = pmu_event(l, "branches");
+	const struct pmu_event *cyc = pmu_event(l, "cycles"), *miss = pmu_event(l, "branch_misses");
+
+	memset(f, 0, sizeof(*f));
+	f->set = true;
+	if (!strcmp(name, "none")) {
+		f->set = false;
+	} else if (!strcmp(name, "allow_member") || !strcmp(name, "deny_member")) {
+		f->action = name[0] == 'a' ? KVM_PMU_EVENT_ALLOW : KVM_PMU_EVENT_DENY;
+		f->events[f->nevents++] = pmu_filter_key(insn);
+		f->events[f->nevents++] = pmu_filter_key(br);
+	} else if (!strcmp(name, "allow_nonmember") || !strcmp(name, "deny_nonmember")) {
+		f->action = name[0] == 'a' ? KVM_PMU_EVENT_ALLOW : KVM_PMU_EVENT_DENY;
+		f->events[f->nevents++] = pmu_filter_key(cyc);
+		f->events[f->nevents++] = pmu_filter_key(miss);
+	} else if (!strcmp(name, "masked_include")) {
+		/* Exactly our event/umask pairs. */
+		f->action = KVM_PMU_EVENT_ALLOW;
+		f->flags = KVM_PMU_EVENT_FLAG_MASKED_EVENTS;
+		f->events[f->nevents++] = MASKED_ENTRY(insn->select, 0xff, insn->umask, 0);
+		f->events[f->nevents++] = MASKED_ENTRY(br->select, 0xff, br->umask, 0);
+	} else if (!strcmp(name, "masked_exclude")) {
+		/* Any umask of our events, then exclude exactly ours: nothing of ours remains. */
+		f->action = KVM_PMU_EVENT_ALLOW;
+		f->flags = KVM_PMU_EVENT_FLAG_MASKED_EVENTS;
+		f->events[f->nevents++] = MASKED_ENTRY(insn->select, 0, 0, 0);
+		f->events[f->nevents++] = MASKED_ENTRY(br->select, 0, 0, 0);
+		f->events[f->nevents++] = MASKED_ENTRY(insn->select, 0xff, insn->umask, 1);
+		f->events[f->nevents++] = MASKED_ENTRY(br->select, 0xff, br->umask, 1);
+	} else if (!strcmp(name, "fixed_allow") || !strcmp(name, "fixed_deny")) {
+		f->action = !strcmp(name, "fixed_allow") ? KVM_PMU_EVENT_ALLOW : KVM_PMU_EVENT_DENY;
+		f->fixed_bitmap = 0x1;
+	} else if (!strcmp(name, "fixed_priority")) {
+		/* events[] denies FC0's event; the (empty) bitmap decides for the fixed counter. */
+		f->action = KVM_PMU_EVENT_DENY;
+		f->events[f->nevents++] = pmu_filter_key(insn);
+	} else {
+		return -1;
+	}
+	return 0;
+}
+
+static void json_filter(struct json *j, const struct filter *f)
+{
+	if (!f->set) {
+		json_null(j, "filter");
+		return;
+	}
+	json_obj_begin(j, "filter");
+	json_str(j, "action", f->action == KVM_PMU_EVENT_ALLOW ? "allow" : "deny");
+	json_u64(j, "flags", f->flags);
+	json_arr_begin(j, "events");
+	for (uint32_t i = 0; i < f->nevents; i++)
+		json_u64(j, NULL, f->events[i]);
+	json_arr_end(j);
+	json_u64(j, "fixed_counter_bitmap", f->fixed_bitmap);
+	json_obj_end(j);
+}
+
+static void json_count(struct json *j, const char *key, const struct guest_cmd *cmd)
+{
+	if (cmd && cmd->vector < 0)
+		json_u64(j, key, cmd->out[0]);
+	else
+		json_null(j, key);
+}
+
+enum probe_status probe_event_filter(struct probe_ctx *c)
+{
+	const char *name = arg_str(c, "case");
+	uint64_t n = (uint64_t)arg_int(c, "iterations");
+	const struct pmu_layout *l = c->l;
+	bool fc0 = l->fixed_base && (c->pmu.fixed_mask & 1);
+	struct guest_cmd *insn, *br, *fix = NULL;
+	enum probe_status ret = need_counters(c, 2);
+	struct run_stats st = { 0 };
+	struct filter f;
+	struct vcpu *v;
+	struct vm vm;
+	int set_errno = 0;
+
+	if (ret != PROBE_OK)
+		return ret;
+	if (build_case(c, name, &f))
+		return probe_fail(c, "probe event_filter: unknown case '%s'", name);
+	if (!strncmp(name, "fixed_", 6) && !fc0)
+		return probe_unsupported(c, "case %s needs fixed counter 0; the %s guest PMU has none",
+					 name, l->vendor);
+	if (probe_vm(c, &vm, &v, &default_opts)) {
+		vm_destroy(&vm);
+		return PROBE_ERROR;
+	}
+	if (f.set)
+		set_errno = set_filter(&vm, f.action, f.flags, f.fixed_bitmap, f.events, f.nevents);
+
+	batch_begin(v);
+	g_pmu_quiesce(c, v);
+	g_wrmsr(v, pmu_sel_msr(l, 0), pmu_selector(pmu_event(l, "instructions"), EVTSEL_EN));
+	g_wrmsr(v, pmu_sel_msr(l, 1), pmu_selector(pmu_event(l, "branches"), EVTSEL_EN));
+	if (fc0)
+		g_wrmsr(v, l->fixed_ctrl, FIXED_CTRL_OS | FIXED_CTRL_USR);
+	g_measure(c, v, 0x3 | (fc0 ? 1ULL << 32 : 0), n, true);
+	insn = g_rdmsr(v, pmu_ctr_msr(l, 0));
+	br = g_rdmsr(v, pmu_ctr_msr(l, 1));
+	if (fc0)
+		fix = g_rdmsr(v, l->fixed_base);
+	g_pmu_quiesce(c, v);
+	if (batch_run(v, &st))
+		ret = probe_fail(c, "%s", vm.err);
+
+	json_str(c->obs, "case", name);
+	json_i64(c->obs, "set_errno", set_errno);
+	json_filter(c->obs, &f);
+	json_workload(c->obs, n, st.ticks);
+	json_obj_begin(c->obs, "counts");
+	json_count(c->obs, "instructions", insn);
+	json_count(c->obs, "branches", br);
+	json_count(c->obs, "fixed_instructions", fix);
+	json_obj_end(c->obs);
+	json_exceptions(c->obs, v);
+	vm_destroy(&vm);
+	return ret;
+}
+
+enum probe_status probe_filter_update(struct probe_ctx *c)
+{
+	uint64_t n = (uint64_t)arg_int(c, "iterations");
+	const struct pmu_layout *l = c->l;
+	const struct pmu_event *br = pmu_event(l, "branches");
+	uint64_t sel = pmu_selector(br, EVTSEL_EN), key = pmu_filter_key(br);
+	struct guest_cmd *before, *sel_after, *denied, *allowed;
+	enum probe_status ret = need_counters(c, 1);
+	int deny_errno, allow_errno;
+	struct vcpu *v;
+	struct vm vm;
+
+	if (ret != PROBE_OK)
+		return ret;
+	if (probe_vm(c, &vm, &v, &default_opts)) {
+		vm_destroy(&vm);
+		return PROBE_ERROR;
+	}
+	/* Phase 1: no filter; the selector is written once and never again by the guest. */
+	batch_begin(v);
+	g_pmu_quiesce(c, v);
+	g_wrmsr(v, pmu_sel_msr(l, 0), sel);
+	g_measure(c, v, 0x1, n, true);
+	before = g_rdmsr(v, pmu_ctr_msr(l, 0));
+	if (batch_run(v, NULL))
+		goto fail;
+
+	/* Phase 2: the host denies the event between two guest runs. */
+	deny_errno = set_filter(&vm, KVM_PMU_EVENT_DENY, 0, 0, &key, 1);
+	batch_begin(v);
+	g_wrmsr(v, pmu_ctr_msr(l, 0), 0);
+	sel_after = g_rdmsr(v, pmu_sel_msr(l, 0));
+	g_measure(c, v, 0x1, n, true);
+	denied = g_rdmsr(v, pmu_ctr_msr(l, 0));
+	if (batch_run(v, NULL))
+		goto fail;
+
+	/* Phase 3: an empty deny list allows everything again. */
+	allow_errno = set_filter(&vm, KVM_PMU_EVENT_DENY, 0, 0, NULL, 0);
+	batch_begin(v);
+	g_wrmsr(v, pmu_ctr_msr(l, 0), 0);
+	g_measure(c, v, 0x1, n, true);
+	allowed = g_rdmsr(v, pmu_ctr_msr(l, 0));
+	g_pmu_quiesce(c, v);
+	if (batch_run(v, NULL))
+		goto fail;
+
+	json_u64(c->obs, "selector_written", sel);
+	json_count(c->obs, "selector_read_after_deny", sel_after);
+	json_count(c->obs, "count_before_deny", before);
+	json_count(c->obs, "count_after_deny", denied);
+	json_count(c->obs, "count_after_allow", allowed);
+	json_i64(c->obs, "deny_errno", deny_errno);
+	json_i64(c->obs, "allow_errno", allow_errno);
+	json_exceptions(c->obs, v);
+	vm_destroy(&vm);
+	return PROBE_OK;
+fail:
+	ret = probe_fail(c, "%s", vm.err);
+	json_exceptions(c->obs, v);
+	vm_destroy(&vm);
+	return ret;
+}
+
+enum probe_status probe_filter_invalid(struct probe_ctx *c)
+{
+	const struct pmu_event *insn = pmu_event(c->l, "instructions");
+	uint64_t key = pmu_filter_key(insn);
+	/* A masked entry with a bit set in the unused range 36:54. */
+	uint64_t bad_masked = MASKED_ENTRY(insn->select, 0xff, insn->umask, 0) | (1ULL << 40);
+	struct vm vm;
+	int e[4];
+
+	if (vm_create(&vm, &default_opts)) {
+		enum probe_status ret = probe_fail(c, "%s", vm.err);
+
+		vm_destroy(&vm);
+		return ret;
+	}
+	e[0] = set_filter(&vm, 2, 0, 0, &key, 1);                          /* neither allow nor deny */
+	e[1] = set_filter(&vm, KVM_PMU_EVENT_ALLOW, 1U << 1, 0, &key, 1);  /* undefined flag */
+	e[2] = set_filter(&vm, KVM_PMU_EVENT_ALLOW, 0, 0, NULL, FILTER_MAX_EVENTS + 1);
+	e[3] = set_filter(&vm, KVM_PMU_EVENT_ALLOW, KVM_PMU_EVENT_FLAG_MASKED_EVENTS, 0, &bad_masked, 1);
+	vm_destroy(&vm);
+
+	json_arr_begin(c->obs, "cases");
+	{
+		static const char *const names[] = { "bad_action", "bad_flags", "too_many_events",
+						     "masked_bad_entry" };
+
+		for (int i = 0; i < 4; i++) {
+			json_obj_begin(c->obs, NULL);
+			json_str(c->obs, "case", names[i]);
+			json_i64(c->obs, "errno", e[i]);
+			json_obj_end(c->obs);
+		}
+	}
+	json_arr_end(c->obs);
+	return PROBE_OK;
+}

@@ -1,0 +1,549 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * Isolation probes: the VMM itself (selftest), guest-only counting, host perf vs guest,
+ * perf/KVM mutual exclusion, state left by a previous VM, cross-context leaks, counters the guest
+ * was not given, and the per-VM PMU opt-out.
+ */
+#include <errno.h>
+#include <stdint.h>
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "perf.h"
+#include "probes.h"
+
+static const struct vm_opts default_opts = { .irqchip = true };
+
+/* Counting probes need global control (mediated implies it: Intel v4+, AMD PerfMonV2). */
+static enum probe_status need_counters(struct probe_ctx *c, int gp)
+{
+	if (!c->pmu.has_global)
+		return probe_unsupported(c, "the guest PMU (KVM supported CPUID, version %d) has no "
+					 "global control register", c->pmu.version);
+	if (c->pmu.gp < gp)
+		return probe_unsupported(c, "the guest PMU enumerates %d GP counters (needs %d)",
+					 c->pmu.gp, gp);
+	return PROBE_OK;
+}
+
+static const struct pmu_event *event(struct probe_ctx *c, const char *name)
+{
+	return pmu_event(c->l, name);
+}
+
+enum probe_status probe_selftest(struct probe_ctx *c)
+{
+	uint64_t n = (uint64_t)arg_int(c, "iterations");
+	struct run_stats st = { 0 };
+	struct guest_cmd *cmd;
+	struct vcpu *v;
+	struct vm vm;
+	enum probe_status ret = PROBE_OK;
+
+	if (probe_vm(c, &vm, &v, &default_opts)) {
+		vm_destroy(&vm);
+		return PROBE_ERROR;
+	}
+	batch_begin(v);
+	cmd = batch_add(v, OP_SELFTEST, n, 0, 0, 0, 0);
+	if (batch_run(v, &st))
+		ret = probe_fail(c, "%s", vm.err);
+	json_u64(c->obs, "iterations", n);
+	json_u64(c->obs, "vm_exits", st.ticks);
+	json_u64(c->obs, "guest_sum", cmd->out[0]);
+	json_u64(c->obs, "expected_sum", n * (n - 1) / 2);
+	json_exceptions(c->obs, v);
+	vm_destroy(&vm);
+	return ret;
+}
+
+enum probe_status probe_guest_count(struct probe_ctx *c)
+{
+	uint64_t n = (uint64_t)arg_int(c, "iterations");
+	const struct pmu_layout *l = c->l;
+	struct guest_cmd *insn, *br;
+	struct run_stats st = { 0 };
+	enum probe_status ret;
+	struct vcpu *v;
+	struct vm vm;
+
+	ret = need_counters(c, 2);
+	if (ret != PROBE_OK)
+		return ret;
+	if (probe_vm(c, &vm, &v, &default_opts)) {
+		vm_destroy(&vm);
+		return PROBE_ERROR;
+	}
+	batch_begin(v);
+	g_pmu_quiesce(c, v);
+	g_wrmsr(v, pmu_sel_msr(l, 0), pmu_selector(event(c, "instructions"), EVTSEL_EN));
+	g_wrmsr(v, pmu_sel_msr(l, 1), pmu_selector(event(c, "branches"), EVTSEL_EN));
+	g_measure(c, v, 0x3, n, true);
+	insn = g_rdmsr(v, pmu_ctr_msr(l, 0));
+	br = g_rdmsr(v, pmu_ctr_msr(l, 1));
+	g_pmu_quiesce(c, v);
+	if (batch_run(v, &st))
+		ret = probe_fail(c, "%s", vm.err);
+	json_workload(c->obs, n, st.ticks);
+	json_obj_begin(c->obs, "counts");
+	json_opt_i64(c->obs, "instructions", insn->vector < 0 ? (int64_t)(insn->out[0] & INT64_MAX) : -1);
+	json_opt_i64(c->obs, "branches", br->vector < 0 ? (int64_t)(br->out[0] & INT64_MAX) : -1);
+	json_obj_end(c->obs);
+	json_exceptions(c->obs, v);
+	vm_destroy(&vm);
+	return ret;
+}
+
+enum probe_status probe_host_excludes_guest(struct probe_ctx *c)
+{
+	/* Two guest loops differing 10x in length but with the same number of exits. */
+	const uint64_t exits = 100;
+	uint64_t n = (uint64_t)arg_int(c, "iterations");
+	uint64_t small = n / (2 * exits) ? n / (2 * exits) : 1;
+	uint64_t inner[2] = { small, 10 * small };
+	enum probe_status ret = PROBE_OK;
+	bool exclude_kernel = false;
+	struct vcpu *v;
+	struct vm vm;
+	int fd = -1, e;
+
+	if (probe_vm(c, &vm, &v, &default_opts)) {
+		vm_destroy(&vm);
+		return PROBE_ERROR;
+	}
+	/* Count the vCPU thread's host work (kernel included, like `perf stat` as root). */
+	e = perf_open_instructions(true, false, &fd);
+	if (e == EACCES || e == EPERM) {
+		exclude_kernel = true;
+		e = perf_open_instructions(true, true, &fd);
+	}
+	json_i64(c->obs, "perf_open_errno", e);
+	json_bool(c->obs, "exclude_kernel", exclude_kernel);
+	json_arr_begin(c->obs, "runs");
+	for (int r = 0; r < 2 && ret == PROBE_OK; r++) {
+		struct run_stats st = { 0 };
+		int64_t count = -1;
+
+		batch_begin(v);
+		batch_add(v, OP_WORK, inner[r], exits, 0, 0, 0);
+		if (fd >= 0)
+			perf_start(fd);
+		if (batch_run(v, &st))
+			ret = probe_fail(c, "%s", vm.err);
+		if (fd >= 0)
+			count = perf_stop_read(fd);
+		json_obj_begin(c->obs, NULL);
+		json_u64(c->obs, "guest_instructions", WORK_INSNS(inner[r], exits));
+		json_opt_i64(c->obs, "host_count", count);
+		json_u64(c->obs, "vm_exits", st.ticks);
+		json_obj_end(c->obs);
+	}
+	json_arr_end(c->obs);
+	if (fd >= 0)
+		close(fd);
+	vm_destroy(&vm);
+	return ret;
+}
+
+enum probe_status probe_exclusivity(struct probe_ctx *c)
+{
+	struct vcpu *v;
+	struct vm vm;
+	int fd, e_without, e_with, e_before, e_vcpu = -1;
+
+	/* A VM with an in-kernel LAPIC gets its mediated PMU at the first KVM_CREATE_VCPU. */
+	if (probe_vm(c, &vm, &v, &default_opts)) {
+		vm_destroy(&vm);
+		return PROBE_ERROR;
+	}
+	e_without = perf_open_instructions(false, false, &fd);
+	if (fd >= 0)
+		close(fd);
+	e_with = perf_open_instructions(true, false, &fd);
+	if (fd >= 0)
+		close(fd);
+	vm_destroy(&vm);
+
+	/* No mediated VM now: an include-guest event must open, then vCPU creation must fail. */
+	e_before = perf_open_instructions(false, false, &fd);
+	if (fd >= 0) {
+		struct vm vm2;
+		struct vcpu *v2;
+
+		if (vm_create(&vm2, &default_opts)) {
+			close(fd);
+			vm_destroy(&vm2);
+			return probe_fail(c, "%s", vm2.err);
+		}
+		e_vcpu = vcpu_add(&vm2, 0, &v2);
+		vm_destroy(&vm2);
+		close(fd);
+	}
+	json_i64(c->obs, "event_without_exclude_guest_errno", e_without);
+	json_i64(c->obs, "event_with_exclude_guest_errno", e_with);
+	json_opt_i64(c->obs, "vcpu_create_errno_while_event", e_vcpu);
+	json_i64(c->obs, "event_open_errno_without_vm", e_before);
+	return PROBE_OK;
+}
+
+static void json_read(struct json *j, const struct guest_cmd *cmd)
+{
+	if (cmd->vector >= 0)
+		json_null(j, NULL);
+	else
+		json_u64(j, NULL, cmd->out[0]);
+}
+
+enum probe_status probe_fresh_state(struct probe_ctx *c)
+{
+	const struct pmu_layout *l = c->l;
+	const struct pmu_info *p = &c->pmu;
+	struct guest_cmd *ctr[8] = { 0 }, *sel[8] = { 0 }, *fix[8] = { 0 }, *fctrl = NULL, *status = NULL;
+	uint64_t fixed_ctrl_all = 0;
+	enum probe_status ret;
+	struct vcpu *v;
+	struct vm vm;
+	int gp = p->gp > 8 ? 8 : p->gp;
+
+	ret = need_counters(c, 1);
+	if (ret != PROBE_OK)
+		return ret;
+
+	/* VM 1 dirties every register it has, overflows counter 0, and is destroyed. */
+	if (probe_vm(c, &vm, &v, &default_opts)) {
+		vm_destroy(&vm);
+		return PROBE_ERROR;
+	}
+	batch_begin(v);
+	g_pmu_quiesce(c, v);
+	for (int i = 0; i < gp; i++) {
+		g_wrmsr(v, pmu_sel_msr(l, i), pmu_selector(event(c, "instructions"), EVTSEL_EN));
+		g_wrmsr(v, pmu_ctr_msr(l, i), i ? 0x1000ULL * (uint64_t)i : width_mask(p->gp_width) - 64);
+	}
+	for (int j = 0; j < p->fixed && j < 8; j++)
+		if (p->fixed_mask >> j & 1)
+			fixed_ctrl_all |= (FIXED_CTRL_OS | FIXED_CTRL_USR) << (4 * j);
+	if (l->fixed_ctrl && fixed_ctrl_all)
+		g_wrmsr(v, l->fixed_ctrl, fixed_ctrl_all);
+	g_measure(c, v, pmu_global_mask(p, true), 1000, false);
+	g_wrmsr(v, l->global_ctrl, pmu_global_mask(p, true));   /* leave everything running */
+	if (batch_run(v, NULL)) {
+		probe_fail(c, "dirtying VM: %s", vm.err);
+		vm_destroy(&vm);
+		return PROBE_ERROR;
+	}
+	vm_destroy(&vm);
+
+	/* VM 2 reads everything back before programming anything. */
+	if (probe_vm(c, &vm, &v, &default_opts)) {
+		vm_destroy(&vm);
+		return PROBE_ERROR;
+	}
+	batch_begin(v);
+	for (int i = 0; i < gp; i++) {
+		ctr[i] = g_rdmsr(v, pmu_ctr_msr(l, i));
+		sel[i] = g_rdmsr(v, pmu_sel_msr(l, i));
+	}
+	for (int j = 0; l->fixed_base && j < p->fixed && j < 8; j++)
+		if (p->fixed_mask >> j & 1)
+			fix[j] = g_rdmsr(v, l->fixed_base + (uint32_t)j);
+	if (l->fixed_ctrl)
+		fctrl = g_rdmsr(v, l->fixed_ctrl);
+	if (p->has_global)
+		status = g_rdmsr(v, l->global_status);
+	if (batch_run(v, NULL))
+		ret = probe_fail(c, "%s", vm.err);
+
+	json_arr_begin(c->obs, "gp_counters");
+	for (int i = 0; i < gp; i++)
+		json_read(c->obs, ctr[i]);
+	json_arr_end(c->obs);
+	json_arr_begin(c->obs, "gp_selectors");
+	for (int i = 0; i < gp; i++)
+		json_read(c->obs, sel[i]);
+	json_arr_end(c->obs);
+	json_arr_begin(c->obs, "fixed_counters");
+	for (int j = 0; j < 8; j++)
+		if (fix[j])
+			json_read(c->obs, fix[j]);
+	json_arr_end(c->obs);
+	if (fctrl && fctrl->vector < 0)
+		json_u64(c->obs, "fixed_ctrl", fctrl->out[0]);
+	else
+		json_null(c->obs, "fixed_ctrl");
+	if (status && status->vector < 0)
+		json_u64(c->obs, "global_status", status->out[0]);
+	else
+		json_null(c->obs, "global_status");
+	json_exceptions(c->obs, v);
+	vm_destroy(&vm);
+	return ret;
+}
+
+#define MAX_DISTINCT 64
+
+struct context {
+	struct vm vm;
+	struct vcpu *v;
+	uint64_t seed;
+	uint64_t seen[MAX_DISTINCT];
+	int nseen;
+	bool overflowed;
+};
+
+static void remember(struct context *x, uint64_t val)
+{
+	for (int i = 0; i < x->nseen; i++)
+		if (x->seen[i] == val)
+			return;
+	if (x->nseen < MAX_DISTINCT)
+		x->seen[x->nseen++] = val;
+	else
+		x->overflowed = true;
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+
+	return x < y ? -1 : x > y;
+}
+
+enum probe_status probe_cross_context(struct probe_ctx *c)
+{
+	uint64_t rounds = (uint64_t)arg_int(c, "rounds");
+	bool per_vm = !strcmp(arg_str(c, "kind"), "vm");
+	const struct pmu_layout *l = c->l;
+	struct context *x = calloc(2, sizeof(*x));
+	enum probe_status ret;
+	int cpu = c->cpu, e;
+
+	if (!x)
+		return probe_fail(c, "out of memory");
+	ret = need_counters(c, 1);
+	if (ret != PROBE_OK)
+		goto out_free;
+	/* Both contexts must share one physical PMU: pin to one CPU (the current one by default). */
+	if (cpu < 0) {
+		cpu = sched_getcpu();
+		e = cpu < 0 ? errno : pin_to_cpu(cpu);
+		if (e) {
+			ret = probe_fail(c, "cannot pin to a CPU: %s", strerror(e));
+			goto out_free;
+		}
+	}
+
+	for (int i = 0; i < 2; i++) {
+		x[i].seed = ((0x1111ULL * (uint64_t)(i + 1)) << 32 | 0x5eed0000ULL | (uint64_t)i) &
+			    width_mask(c->pmu.gp_width);
+		if (per_vm || i == 0) {
+			if (vm_create(&x[i].vm, &(struct vm_opts){ .irqchip = true })) {
+				ret = probe_fail(c, "%s", x[i].vm.err);
+				goto out;
+			}
+		}
+		{
+			struct vm *vm = per_vm ? &x[i].vm : &x[0].vm;
+
+			e = vcpu_add(vm, per_vm ? 0 : i, &x[i].v);
+			if (e) {
+				ret = probe_fail(c, "%s", vm->err);
+				goto out;
+			}
+		}
+		/* Counter 0 holds the seed; it is disabled, so only a leak can change it. */
+		batch_begin(x[i].v);
+		g_pmu_quiesce(c, x[i].v);
+		g_wrmsr(x[i].v, pmu_ctr_msr(l, 0), x[i].seed);
+		if (batch_run(x[i].v, NULL)) {
+			ret = probe_fail(c, "%s", x[i].v->vm->err);
+			goto out;
+		}
+	}
+	for (uint64_t r = 0; r < rounds; r++) {
+		for (int i = 0; i < 2; i++) {
+			struct guest_cmd *rd;
+
+			batch_begin(x[i].v);
+			rd = g_rdmsr(x[i].v, pmu_ctr_msr(l, 0));
+			if (batch_run(x[i].v, NULL)) {
+				ret = probe_fail(c, "round %llu: %s", (unsigned long long)r, x[i].v->vm->err);
+				goto out;
+			}
+			if (rd->vector < 0)
+				remember(&x[i], rd->out[0]);
+		}
+	}
+	json_str(c->obs, "kind", per_vm ? "vm" : "vcpu");
+	json_u64(c->obs, "rounds", rounds);
+	json_i64(c->obs, "cpu", cpu);
+	json_arr_begin(c->obs, "contexts");
+	for (int i = 0; i < 2; i++) {
+		qsort(x[i].seen, (size_t)x[i].nseen, sizeof(x[i].seen[0]), cmp_u64);
+		json_obj_begin(c->obs, NULL);
+		json_i64(c->obs, "id", i);
+		json_u64(c->obs, "seed", x[i].seed);
+		json_arr_begin(c->obs, "values_read");
+		for (int k = 0; k < x[i].nseen; k++)
+			json_u64(c->obs, NULL, x[i].seen[k]);
+		json_arr_end(c->obs);
+		json_bool(c->obs, "values_truncated", x[i].overflowed);
+		json_obj_end(c->obs);
+	}
+	json_arr_end(c->obs);
+out:
+	vm_destroy(&x[0].vm);
+	if (per_vm)
+		vm_destroy(&x[1].vm);
+out_free:
+	free(x);
+	return ret;
+}
+
+struct access_plan {
+	const char *op;
+	uint32_t target;
+	char name[48];
+	const char *quirk;
+	struct guest_cmd *cmd;
+};
+
+static void plan(struct access_plan *a, int *n, struct vcpu *v, const char *op, uint32_t target,
+		 const char *quirk, const char *fmt_name, int idx)
+{
+	struct access_plan *p = &a[(*n)++];
+
+	p->op = op;
+	p->target = target;
+	p->quirk = quirk;
+	snprintf(p->name, sizeof(p->name), "%s%d", fmt_name, idx);
+	if (!strcmp(op, "rdmsr"))
+		p->cmd = g_rdmsr(v, target);
+	else if (!strcmp(op, "wrmsr"))
+		p->cmd = g_wrmsr(v, target, 0);
+	else
+		p->cmd = g_rdpmc(v, target);
+}
+
+enum probe_status probe_unexposed(struct probe_ctx *c)
+{
+	const struct pmu_layout *l = c->l;
+	const struct pmu_info *p = &c->pmu;
+	struct access_plan acc[24];
+	struct guest_cmd *fast;
+	enum probe_status ret = PROBE_OK;
+	int n = 0, gp = p->gp, m = p->fixed;
+	bool full_width = l != &intel_layout || (p->pdcm && (c->caps->perf_capabilities < 0 ||
+					       (c->caps->perf_capabilities & PERF_CAP_FW_WRITES)));
+	static const char *const ops[] = { "rdmsr", "wrmsr" };
+	struct vcpu *v;
+	struct vm vm;
+
+	if (probe_vm(c, &vm, &v, &default_opts)) {
+		vm_destroy(&vm);
+		return PROBE_ERROR;
+	}
+	batch_begin(v);
+	for (int o = 0; o < 2; o++) {
+		if (l->legacy_ctr_base) {
+			/* KVM keeps MSR_P6_PERFCTR0/1 readable (0) and writable (dropped) for old guests. */
+			for (int i = gp; i < (int)l->p6_quirk_count; i++)
+				plan(acc, &n, v, ops[o], l->legacy_ctr_base + (uint32_t)i, "p6_perfctr",
+				     "MSR_P6_PERFCTR", i);
+			if (gp >= (int)l->p6_quirk_count)
+				plan(acc, &n, v, ops[o], l->legacy_ctr_base + (uint32_t)gp, NULL,
+				     l->legacy_ctr_name, gp);
+		}
+		if (full_width)
+			plan(acc, &n, v, ops[o], pmu_ctr_msr(l, gp), NULL, l->ctr_name, gp);
+		plan(acc, &n, v, ops[o], pmu_sel_msr(l, gp), NULL, l->sel_name, gp);
+		if (l->fixed_base)
+			plan(acc, &n, v, ops[o], l->fixed_base + (uint32_t)m, NULL, l->fixed_name, m);
+	}
+	plan(acc, &n, v, "rdpmc", (uint32_t)gp, NULL, "RDPMC ", gp);
+	if (l->rdpmc_fixed_flag)
+		plan(acc, &n, v, "rdpmc", l->rdpmc_fixed_flag | (uint32_t)m, NULL, "RDPMC fixed ", m);
+	fast = g_rdpmc(v, RDPMC_FAST);
+	if (batch_run(v, NULL))
+		ret = probe_fail(c, "%s", vm.err);
+
+	json_i64(c->obs, "gp_counters", gp);
+	json_i64(c->obs, "fixed_counters", __builtin_popcount(p->fixed_mask));
+	json_arr_begin(c->obs, "accesses");
+	for (int i = 0; i < n; i++) {
+		json_obj_begin(c->obs, NULL);
+		json_str(c->obs, "op", acc[i].op);
+		json_u64(c->obs, "target", acc[i].target);
+		json_str(c->obs, "name", acc[i].name);
+		json_opt_i64(c->obs, "vector", acc[i].cmd->vector);
+		if (acc[i].cmd->vector < 0 && strcmp(acc[i].op, "wrmsr"))
+			json_u64(c->obs, "value", acc[i].cmd->out[0]);
+		else
+			json_null(c->obs, "value");
+		if (acc[i].quirk)
+			json_str(c->obs, "quirk", acc[i].quirk);
+		else
+			json_null(c->obs, "quirk");
+		json_obj_end(c->obs);
+	}
+	json_arr_end(c->obs);
+	json_obj_begin(c->obs, "fast_rdpmc");
+	json_opt_i64(c->obs, "vector", fast->vector);
+	json_obj_end(c->obs);
+	vm_destroy(&vm);
+	return ret;
+}
+
+/* A CPUID view over leaves the guest executed itself (OP_CPUID). */
+static const uint32_t guest_leaves[] = { 0, 1, 7, 0xa, 0x80000000, 0x80000001, 0x80000022 };
+#define NLEAVES (sizeof(guest_leaves) / sizeof(guest_leaves[0]))
+
+static int guest_view_get(const struct cpuid_view *view, uint32_t leaf, uint32_t sub, uint32_t r[4])
+{
+	struct guest_cmd *const *cmds = view->table;
+
+	(void)sub;
+	for (size_t i = 0; i < NLEAVES; i++) {
+		if (guest_leaves[i] != leaf)
+			continue;
+		for (int k = 0; k < 4; k++)
+			r[k] = (uint32_t)cmds[i]->out[k];
+		return 0;
+	}
+	return -1;
+}
+
+enum probe_status probe_pmu_disabled(struct probe_ctx *c)
+{
+	const struct vm_opts o = { .irqchip = true, .pmu_disable = true };
+	struct guest_cmd *leaves[NLEAVES], *access;
+	struct cpuid_view gv = { .get = guest_view_get, .table = leaves };
+	enum probe_status ret = PROBE_OK;
+	struct pmu_info guest;
+	struct vcpu *v;
+	struct vm vm;
+
+	if (probe_vm(c, &vm, &v, &o)) {
+		vm_destroy(&vm);
+		return PROBE_ERROR;
+	}
+	batch_begin(v);
+	for (size_t i = 0; i < NLEAVES; i++)
+		leaves[i] = batch_add(v, OP_CPUID, guest_leaves[i], 0, 0, 0, 0);
+	access = g_rdmsr(v, pmu_ctr_msr(c->l, 0));
+	if (batch_run(v, NULL))
+		ret = probe_fail(c, "%s", vm.err);
+	c->l->decode(&gv, &guest);
+
+	json_i64(c->obs, "cap_disable_errno", vm.pmu_cap_errno);
+	json_i64(c->obs, "guest_pmu_version", guest.version);
+	json_i64(c->obs, "guest_gp_counters", guest.gp);
+	json_opt_i64(c->obs, "counter_access_vector", access->vector);
+	json_i64(c->obs, "cap_after_vcpu_errno", vm_pmu_cap_disable(&vm));
+	json_exceptions(c->obs, v);
+	vm_destroy(&vm);
+	return ret;
+}

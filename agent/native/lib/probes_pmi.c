@@ -1,0 +1,76 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * PMI delivery: a counter preset near overflow with the INT bit; the guest's x2APIC LVTPC routes
+ * it to PMI_VECTOR, unmasked or masked.  On the host, mediated PMIs arrive on their own vector and
+ * are counted on the /proc/interrupts "VPMI" row; a host NMI would mean the guest LVTPC was not
+ * loaded.
+ */
+#include <string.h>
+
+#include "perf.h"
+#include "probes.h"
+
+#define PMI_VECTOR    0x20
+#define X2APIC_LVTPC  0x834
+#define LVT_MASKED    (1ULL << 16)
+
+static const struct vm_opts default_opts = { .irqchip = true };
+
+enum probe_status probe_pmi(struct probe_ctx *c)
+{
+	bool masked = !strcmp(arg_str(c, "lvtpc"), "masked");
+	const struct pmu_layout *l = c->l;
+	const struct pmu_info *p = &c->pmu;
+	struct guest_cmd *apic, *lvt, *status;
+	enum probe_status ret = PROBE_OK;
+	int64_t vpmi_before, vpmi_after, nmi_before, nmi_after;
+	struct vcpu *v;
+	struct vm vm;
+
+	if (!p->has_global || p->gp < 1)
+		return probe_unsupported(c, "the guest PMU (version %d, %d GP counters) has no global "
+					 "control register", p->version, p->gp);
+	if (probe_vm(c, &vm, &v, &default_opts)) {
+		vm_destroy(&vm);
+		return PROBE_ERROR;
+	}
+	vpmi_before = proc_interrupts("VPMI");
+	nmi_before = proc_interrupts("NMI");
+	batch_begin(v);
+	apic = batch_add(v, OP_X2APIC_ENABLE, 0, 0, 0, 0, 0);
+	lvt = g_wrmsr(v, X2APIC_LVTPC, PMI_VECTOR | (masked ? LVT_MASKED : 0));
+	g_pmu_quiesce(c, v);
+	g_wrmsr(v, pmu_ctr_msr(l, 0), width_mask(p->gp_width) - 63);
+	g_wrmsr(v, pmu_sel_msr(l, 0),
+		pmu_selector(pmu_event(l, "instructions"), EVTSEL_EN | EVTSEL_INT));
+	batch_add(v, OP_STI, 0, 0, 0, 0, 0);
+	/* Exits inside the loop give KVM entries at which to inject the PMI. */
+	g_measure(c, v, 0x1, 1000, true);
+	batch_add(v, OP_SPIN, 100000, 0, 0, 0, 0);
+	batch_add(v, OP_CLI, 0, 0, 0, 0, 0);
+	g_wrmsr(v, pmu_sel_msr(l, 0), 0);
+	status = g_rdmsr(v, l->global_status);
+	g_wrmsr(v, l->global_status_clr, pmu_global_mask(p, true));
+	if (batch_run(v, NULL))
+		ret = probe_fail(c, "%s", vm.err);
+	vpmi_after = proc_interrupts("VPMI");
+	nmi_after = proc_interrupts("NMI");
+
+	json_str(c->obs, "lvtpc", masked ? "masked" : "unmasked");
+	json_i64(c->obs, "vector", PMI_VECTOR);
+	json_u64(c->obs, "interrupts", v->area->irq_count);
+	if (status->vector < 0)
+		json_u64(c->obs, "global_status", status->out[0]);
+	else
+		json_null(c->obs, "global_status");
+	json_opt_i64(c->obs, "host_vpmi_before", vpmi_before);
+	json_opt_i64(c->obs, "host_vpmi_after", vpmi_after);
+	json_opt_i64(c->obs, "host_nmi_delta",
+		     nmi_before >= 0 && nmi_after >= 0 ? nmi_after - nmi_before : -1);
+	json_opt_i64(c->obs, "last_vector", v->area->irq_count ? (int64_t)v->area->last_irq_vector : -1);
+	json_opt_i64(c->obs, "x2apic_vector", apic->vector);
+	json_opt_i64(c->obs, "lvtpc_vector", lvt->vector);
+	json_exceptions(c->obs, v);
+	vm_destroy(&vm);
+	return ret;
+}

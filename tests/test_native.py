@@ -1,0 +1,272 @@
+"""The native harness on this host's real KVM (no mocks): the ASan/UBSan build of agent/native.
+
+What must hold everywhere /dev/kvm works: the VMM boots a long-mode guest and the port-I/O channel
+counts exactly (``selftest``); the catalogue matches agent/protocol.py; arguments are validated. On a
+host without a usable mediated vPMU every PMU probe answers ``unsupported`` with the missing facts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.drivers.kvm import NATIVE_DIR, KvmDriver
+from agent.protocol import PROBES
+
+ASAN_BINARY = NATIVE_DIR / "build-asan" / "vpmu"
+PMU_PROBES = [name for name, spec in PROBES.items() if spec.needs_pmu]
+SANITIZER_MARKERS = ("AddressSanitizer", "LeakSanitizer", "runtime error:", "UndefinedBehaviorSanitizer")
+
+if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+    pytest.skip("/dev/kvm is not accessible on this host", allow_module_level=True)
+
+
+@pytest.fixture(scope="session")
+def vpmu() -> Path:
+    """Build the sanitizer binary once per session."""
+    proc = subprocess.run(["make", "-C", str(NATIVE_DIR), "asan"], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, f"make asan failed:\n{proc.stdout}\n{proc.stderr}"
+    assert ASAN_BINARY.exists()
+    return ASAN_BINARY
+
+
+def run(binary: Path, *args: str, env: dict[str, str] | None = None,
+        timeout: float = 120) -> tuple[int, dict[str, Any], str]:
+    proc = subprocess.run([str(binary), *args], capture_output=True, text=True, timeout=timeout,
+                          check=False, env={**os.environ, **(env or {})})
+    assert not any(m in proc.stderr for m in SANITIZER_MARKERS), proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1, f"expected one line of JSON, got: {proc.stdout!r} {proc.stderr!r}"
+    return proc.returncode, json.loads(lines[0]), proc.stderr
+
+
+@pytest.fixture(scope="session")
+def caps(vpmu: Path) -> dict[str, Any]:
+    rc, data, _ = run(vpmu, "caps")
+    assert rc == 0
+    return data
+
+
+def require_no_pmu(caps: dict[str, Any]) -> None:
+    """The unsupported-path assertions only hold where KVM exposes no PMU."""
+    if caps["kvm"]["enable_pmu"] is not False:
+        pytest.skip(f"kvm.enable_pmu={caps['kvm']['enable_pmu']} on this host: PMU probes may run")
+    if caps["mediated_pmu"]["status"] == "available":
+        pytest.skip("mediated_pmu=available on this host: PMU probes run for real")
+
+
+# -- selftest: the VMM itself ------------------------------------------------------------------
+
+
+def assert_selftest(result: dict[str, Any], n: int) -> None:
+    assert result["probe"] == "selftest"
+    assert result["status"] == "ok", result["reason"]
+    obs = result["observations"]
+    assert obs["iterations"] == n
+    assert obs["vm_exits"] == n
+    assert obs["expected_sum"] == n * (n - 1) // 2
+    assert obs["guest_sum"] == obs["expected_sum"]
+    assert obs["exceptions"] == []
+    assert result["elapsed_ns"] > 0
+
+
+def test_selftest_default_exact(vpmu: Path) -> None:
+    rc, result, _ = run(vpmu, "run", "selftest")
+    assert rc == 0
+    assert_selftest(result, PROBES["selftest"].params["iterations"])
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 100, 2500])
+def test_selftest_iterations(vpmu: Path, n: int) -> None:
+    rc, result, _ = run(vpmu, "run", "selftest", f"iterations={n}")
+    assert rc == 0
+    assert_selftest(result, n)
+
+
+def test_selftest_pinned(vpmu: Path) -> None:
+    rc, result, _ = run(vpmu, "run", "selftest", "iterations=10", "cpu=0")
+    assert rc == 0
+    assert_selftest(result, 10)
+
+
+@pytest.mark.parametrize("irqchip", ["split", "full"])
+def test_selftest_irqchip_modes(vpmu: Path, irqchip: str) -> None:
+    rc, result, _ = run(vpmu, "run", "selftest", "iterations=20", env={"PMUFARM_IRQCHIP": irqchip})
+    assert rc == 0
+    assert_selftest(result, 20)
+
+
+# -- catalogue, caps, argument handling ----------------------------------------------------------
+
+
+def test_list_matches_protocol(vpmu: Path) -> None:
+    rc, data, _ = run(vpmu, "list")
+    assert rc == 0
+    assert data == {"probes": list(PROBES)}
+
+
+def test_caps(vpmu: Path, caps: dict[str, Any]) -> None:
+    assert caps["vendor"] in ("intel", "amd", "unknown")
+    for key in ("host_pmu", "kvm", "mediated_pmu", "vm"):
+        assert key in caps
+    assert caps["kvm"]["dev_kvm"] is True
+    assert set(caps["kvm"]["supported_pmu"]) == set(caps["host_pmu"])
+    assert caps["mediated_pmu"]["status"] in ("available", "unavailable")
+    assert caps["vm"]["runs"] is True, caps["vm"]["error"]
+    assert caps["vm"]["guest_idt"] is True
+
+
+def test_caps_guest_rdpmc_faults_without_pmu(caps: dict[str, Any]) -> None:
+    require_no_pmu(caps)
+    # No PMU in the guest: RDPMC raises #GP, and the guest IDT turns it into an observation.
+    assert caps["vm"]["rdpmc_vector"] == 13
+    assert caps["vm"]["fast_rdpmc_vector"] == 13
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["run", "no_such_probe"], "no_such_probe"),
+    (["run", "selftest", "iterations=abc"], "iterations"),
+    (["run", "selftest", "bogus=1"], "bogus"),
+    (["run", "selftest", "iterations"], "iterations"),
+    (["run", "selftest", "iterations=0"], "iterations"),
+    (["run", "cross_context", "kind=planet"], "kind"),
+    (["run", "event_filter", "case=whatever"], "case"),
+    (["run", "selftest", "cpu=-3"], "cpu"),
+])
+def test_bad_arguments(vpmu: Path, args: list[str], needle: str) -> None:
+    rc, result, _ = run(vpmu, *args)
+    assert rc == 1
+    assert result["status"] == "error"
+    assert needle in result["reason"]
+    assert "\n" not in result["reason"]
+    assert result["observations"] == {}
+
+
+def test_usage_error(vpmu: Path) -> None:
+    proc = subprocess.run([str(vpmu), "frobnicate"], capture_output=True, text=True, timeout=30, check=False)
+    assert proc.returncode == 1
+    assert "usage" in proc.stderr
+
+
+# -- PMU probes on a host without a usable mediated vPMU ----------------------------------------
+
+
+@pytest.mark.parametrize("probe", PMU_PROBES)
+def test_pmu_probe_unsupported(vpmu: Path, caps: dict[str, Any], probe: str) -> None:
+    require_no_pmu(caps)
+    rc, result, _ = run(vpmu, "run", probe)
+    assert rc == 4
+    assert result["probe"] == probe
+    assert result["status"] == "unsupported"
+    assert "enable_pmu" in result["reason"]
+    assert "\n" not in result["reason"]
+    assert result["observations"] == {}
+    # The reason is the harness's own verdict: every reason caps gives, joined.
+    assert result["reason"] == "; ".join(caps["mediated_pmu"]["reasons"])
+
+
+@pytest.mark.parametrize("probe", PMU_PROBES)
+def test_pmu_probe_forced_paths_are_clean(vpmu: Path, caps: dict[str, Any], probe: str) -> None:
+    """PMUFARM_VPMU_FORCE runs every probe body against this KVM under ASan/UBSan: the guest's
+    #GPs on absent PMU MSRs must come back as observations, never as a crash."""
+    require_no_pmu(caps)
+    args = ["run", probe]
+    if probe == "host_excludes_guest":
+        args.append("iterations=20000")     # keep the guest loops short
+    if probe == "cross_context":
+        args.append("rounds=50")
+    rc, result, _ = run(vpmu, *args, env={"PMUFARM_VPMU_FORCE": "1"}, timeout=300)
+    assert result["reason"].startswith("FORCED despite: ")
+    assert rc in (0, 1, 4)
+    assert result["status"] in ("ok", "unsupported", "error")
+    if result["status"] == "ok":
+        for spec_key in _observation_keys(probe):
+            assert spec_key in result["observations"], spec_key
+
+
+def _observation_keys(probe: str) -> list[str]:
+    """The top-level observation keys agent/protocol.py documents for a probe."""
+    text = PROBES[probe].observations
+    keys = []
+    depth = 0
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+        elif ch == '"' and depth == 0:
+            end = text.index('"', i + 1)
+            if text[end + 1:end + 2] == ":":
+                keys.append(text[i + 1:end])
+            i = end
+        i += 1
+    return keys
+
+
+def test_observation_key_parser() -> None:
+    assert _observation_keys("selftest") == ["iterations", "vm_exits", "guest_sum", "expected_sum", "exceptions"]
+
+
+# -- the Python driver end to end ----------------------------------------------------------------
+
+
+def test_kvm_driver_end_to_end(vpmu: Path, caps: dict[str, Any]) -> None:
+    driver = KvmDriver({}, binary=vpmu)
+    assert driver.name == "kvm" and driver.simulated is False
+    assert driver.list() == list(PROBES)
+    result = driver.run("selftest", iterations=321)
+    assert result.status == "ok", result.reason
+    assert result.observations["vm_exits"] == 321
+    assert result.observations["guest_sum"] == 321 * 320 // 2
+    bad = driver.run("selftest", iterations="many")
+    assert bad.status == "error" and "iterations" in bad.reason
+    if caps["kvm"]["enable_pmu"] is False:
+        res = driver.run("guest_count", iterations=10)
+        assert res.status == "unsupported" and "enable_pmu" in res.reason
+    assert driver.caps()["vm"]["runs"] is True
+
+
+def test_kvm_driver_env_binary(vpmu: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PMUFARM_VPMU", str(vpmu))
+    driver = KvmDriver({})
+    assert driver.binary == vpmu
+    assert driver.run("selftest", iterations=3).status == "ok"
+
+
+def test_kvm_driver_default_binary_builds() -> None:
+    driver = KvmDriver({})
+    if os.environ.get("PMUFARM_VPMU"):
+        pytest.skip("PMUFARM_VPMU overrides the default binary")
+    assert driver.binary == NATIVE_DIR / "build" / "vpmu"
+    assert driver.binary.exists()
+    assert driver.run("selftest", iterations=5).status == "ok"
+
+
+@pytest.mark.parametrize(("script", "needle"), [
+    ("#!/bin/sh\necho this is not json\n", "no valid result"),
+    ("#!/bin/sh\nkill -SEGV $$\n", "signal 11"),
+    ("#!/bin/sh\nexit 1\n", "no valid result"),
+    ('#!/bin/sh\necho \'{"probe": "selftest", "status": "ok"}\'\nexit 4\n', "does not match"),
+    ("#!/bin/sh\nsleep 5\n", "timed out"),
+])
+def test_kvm_driver_maps_bad_binaries_to_error(tmp_path: Path, script: str, needle: str) -> None:
+    fake = tmp_path / "vpmu"
+    fake.write_text(script)
+    fake.chmod(0o755)
+    result = KvmDriver({}, binary=fake, timeout=1).run("selftest")
+    assert result.status == "error"
+    assert needle in result.reason
+    assert "\n" not in result.reason
+
+
+def test_kvm_driver_missing_binary(tmp_path: Path) -> None:
+    result = KvmDriver({}, binary=tmp_path / "absent").run("selftest")
+    assert result.status == "error" and "cannot run" in result.reason
