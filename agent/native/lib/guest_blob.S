@@ -1,4 +1,4 @@
-/* The guest program (guest/, linked at GUEST_CODE) embedded as a flat binary. */
+/* The guest program (vmguest/, linked at GUEST_CODE) embedded as a flat binary. */
 	.section .rodata
 	.balign 16
 	.globl guest_blob_start
