@@ -1,6 +1,6 @@
 # pmufarm: one entry point for setup, the native harness and the tests.
 PYTHON ?= python3
-APT_PACKAGES ?= chromium cpuid busybox-static qemu-system-x86 openssh-server iproute2
+APT_PACKAGES ?= chromium cpuid busybox-static qemu-system-x86 openssh-server iproute2 redis-server
 
 .PHONY: setup native test lint bench clean
 

@@ -63,5 +63,22 @@ def make_app(broker_url: str | None = None, backend_url: str | None = None) -> C
         accept_content=["json"],
         worker_hijack_root_logger=False,
     )
+    _setup_signing(app)
     return app
+
+
+def _setup_signing(app: Celery) -> None:
+    """Optional Celery message signing (stack.md §1.9): every side, orchestrator too, needs a key and cert."""
+    key, cert, store = (os.environ.get(k) for k in
+                        ("FARM_SECURITY_KEY", "FARM_SECURITY_CERTIFICATE", "FARM_SECURITY_CERT_STORE"))
+    if not (key or cert or store):
+        return
+    if not (key and cert and store):
+        raise RuntimeError("message signing needs FARM_SECURITY_KEY, FARM_SECURITY_CERTIFICATE and "
+                           "FARM_SECURITY_CERT_STORE")
+    # accept_content must be exactly ["auth"]: setup_security() refuses a mix.
+    app.conf.update(task_serializer="auth", accept_content=["auth"], result_serializer="json",
+                    result_accept_content=["json"], security_key=key, security_certificate=cert,
+                    security_cert_store=store, security_digest="sha256")
+    app.setup_security()
 

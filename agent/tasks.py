@@ -28,6 +28,15 @@ LOG_TAIL = 4000
 PR_SET_PDEATHSIG = 1
 
 
+def deployed_revision() -> str | None:
+    """The revision `orchestrator deploy` installed (None for a developer checkout)."""
+    rev = os.environ.get("PMUFARM_REVISION")
+    if rev:
+        return rev
+    marker = tree_root() / "REVISION"
+    return marker.read_text().strip() if marker.exists() else None
+
+
 def tree_root() -> Path:
     """The agent's installed tree (holds suites/); PMUFARM_TREE overrides it for deployed copies."""
     return Path(os.environ.get("PMUFARM_TREE") or Path(__file__).resolve().parent.parent)
@@ -166,7 +175,8 @@ def run_suite_job(host: dict[str, Any], suite: str, run_id: str, attempt: int = 
     started = _now()
     job: dict[str, Any] = {"run_id": run_id, "host": host.get("name"), "suite": suite, "attempt": attempt,
                            "status": "error", "exit_code": None, "facts": {}, "tests": [],
-                           "started": started, "finished": None, "log_tail": ""}
+                           "started": started, "finished": None, "log_tail": "",
+                           "revision": deployed_revision()}
     try:
         name, suite_dir = resolve_suite(suite)
     except SuiteRefused as exc:

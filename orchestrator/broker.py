@@ -335,7 +335,11 @@ class SecuredRedisServer(RedisServer):
 
     def client(self, password: str | None = "__farm__", username: str | None = "__farm__") -> redis.Redis:
         """An authenticated client by default; pass ``password=None`` for an anonymous one."""
-        kw: dict[str, Any] = {"host": self.host, "port": self.port, "socket_timeout": 2}
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        # No retries: a refused AUTH should fail at once, not after redis-py's backoff.
+        kw: dict[str, Any] = {"host": self.host, "port": self.port, "socket_timeout": 2, "retry": Retry(NoBackoff(), 0)}
         if password == "__farm__":
             kw |= {"username": self.user, "password": self.password}
         elif password is not None:

@@ -335,9 +335,13 @@ def sensitivity(ctx: Ctx, suites: tuple[str, ...], uarchs: tuple[str, ...], faul
 
 
 def _register_optional_commands() -> None:
+    from orchestrator.broker import broker_acl
+    from orchestrator.deploy import deploy
     from orchestrator.gate import gate
 
     main.add_command(gate)
+    main.add_command(deploy)
+    main.add_command(broker_acl)
 
 
 _register_optional_commands()

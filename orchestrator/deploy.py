@@ -209,6 +209,7 @@ echo "python=$({_q(self.python)} -c {_q(INTERP_PROBE)} 2>&1 | tail -n 1)"
 if [ -d /run/systemd/system ]; then echo init=systemd; else echo init=other; fi
 if [ -f {r}/current/tree/REVISION ]; then echo "current=$(cat {r}/current/tree/REVISION)"; fi
 if [ -f {rel}/.complete ]; then echo complete=1; fi
+if [ -f {rel}/NATIVE ]; then echo "native_state=$(cat {rel}/NATIVE)"; fi
 if [ -f {r}/etc/agent.env ]; then echo "env_sha=$(sha256sum {r}/etc/agent.env | cut -d' ' -f1)"; fi
 if command -v make >/dev/null 2>&1; then echo make=1; fi
 if command -v setsid >/dev/null 2>&1; then echo setsid=1; fi
@@ -300,6 +301,7 @@ fi
                 "by": f"{os.environ.get('USER', 'unknown')}@{socket.gethostname()}", "python": self.facts["python"],
                 "native": native}
         self.put_bytes(json.dumps(meta, indent=1).encode(), f"{self.release}/deploy.json")
+        self.put_bytes(f"{native}\n".encode(), f"{self.release}/NATIVE")
         self.sh(f"rm -f {rel}/src.tar.gz && touch {rel}/.complete", 30, "finish release")
         return native
 
@@ -467,7 +469,7 @@ ls -1t | grep -vxF {_q(self.rev)} | tail -n +{KEEP_RELEASES} | while read -r old
             installed = self.facts.get("complete") == "1" and not self.opts.force
             if installed:
                 res.action = "unchanged"
-                native = ""
+                native = self.facts.get("native_state", "")
             else:
                 house = self.houses.get(target)
                 n = self.ship_wheelhouse(house)
@@ -495,6 +497,9 @@ ls -1t | grep -vxF {_q(self.rev)} | tail -n +{KEEP_RELEASES} | while read -r old
                 res.action += ", worker restarted (was not answering)"
                 self.verify(node)
             self.probe()
+            if self.facts.get("current") != self.rev:
+                raise HostError(f"{self.root}/current/tree/REVISION says {self.facts.get('current')!r}, "
+                                f"expected {self.rev}")
             pid = self.facts.get("systemd_pid") or self.facts.get("worker") or "?"
             mode = "systemd" if self.use_systemd else "supervisor"
             res.worker = f"{node} pid {pid} ({mode})"
@@ -613,14 +618,21 @@ def deploy(inventory: str, host_names: str | None, known_hosts: tuple[Path, ...]
         missing = [p for p in ("agent.key", "agent.pem", "certs") if not (signing_dir / p).exists()]
         if missing:
             bad(f"--signing-dir {signing_dir}: missing {', '.join(missing)}")
-    kh = list(known_hosts) or [Path("~/.ssh/known_hosts").expanduser()]
-    for f in kh:
+    for f in known_hosts:
         if not f.is_file():
             bad(f"--known-hosts {f}: no such file (host keys are checked strictly)")
+    kh = list(known_hosts) or [f for f in (Path("~/.ssh/known_hosts").expanduser(), Path("/etc/ssh/ssh_known_hosts"))
+                               if f.is_file()]
+    if not kh:
+        bad("no known_hosts file: pass --known-hosts (host keys are checked strictly; unknown hosts are refused)")
     try:
         hosts = select_hosts(load_inventory(inventory), host_names, {})
     except InventoryError as exc:
         bad(str(exc))
+    if all(h.address == "local" for h in hosts):
+        results = [HostResult(h.name, "skipped", detail="address 'local': served by the local farm") for h in hosts]
+        click.echo(render_table(results), nl=False)
+        sys.exit(EXIT_OK)
     try:
         revision = resolve_revision(source or _repo_default(), rev, allow_dirty)
     except SourceError as exc:
