@@ -257,7 +257,8 @@ def run_suite_job(host: dict[str, Any], suite: str, run_id: str, attempt: int = 
 def run_suite(self: Any, host: dict[str, Any], suite: str, run_id: str, attempt: int = 1,
               timeout: float = 3600, only: list[str] | None = None) -> dict[str, Any]:
     # The worker's pid ties this job to one life of the agent: a restarted agent has another.
-    ident = {"host": host.get("name"), "suite": suite, "node": self.request.hostname, "worker_pid": os.getppid()}
+    ident = {"host": host.get("name"), "suite": suite, "node": self.request.hostname, "worker_pid": os.getppid(),
+             "since": time.time()}
 
     def report(state: dict[str, Any]) -> None:
         self.update_state(state="PROGRESS", meta={**ident, **state})

@@ -50,7 +50,9 @@ def measure(quick: bool = False, suite: str = "suites/isolation") -> dict:
             submit_cmd = [sys.executable, "-m", "orchestrator.cli", "--reports-dir", str(tmpdir / "reports"),
                           "submit", suite]
             pytest_cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", suite]
-            submit_t, pytest_t, first_t = [], [], []
+            submit_t, pytest_t, bare_t, first_t = [], [], [], []
+            # The agent runs suites with PYTEST_DISABLE_PLUGIN_AUTOLOAD=1; time plain pytest both ways.
+            bare_env = dict(env, PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
             subprocess.run(submit_cmd, cwd=ROOT, env=env, capture_output=True, check=False)  # warm caches
             for _ in range(reps):
                 t0 = time.time()
@@ -64,6 +66,9 @@ def measure(quick: bool = False, suite: str = "suites/isolation") -> dict:
                 t0 = time.time()
                 subprocess.run(pytest_cmd, cwd=ROOT, env=env, capture_output=True)
                 pytest_t.append(time.time() - t0)
+                t0 = time.time()
+                subprocess.run(pytest_cmd, cwd=ROOT, env=bare_env, capture_output=True)
+                bare_t.append(time.time() - t0)
         finally:
             worker.stop()
             server.stop()
@@ -74,7 +79,9 @@ def measure(quick: bool = False, suite: str = "suites/isolation") -> dict:
         "repetitions": reps,
         "submit_s": {"median": statistics.median(submit_t), "min": min(submit_t), "max": max(submit_t)},
         "pytest_s": {"median": statistics.median(pytest_t), "min": min(pytest_t), "max": max(pytest_t)},
+        "pytest_no_autoload_s": {"median": statistics.median(bare_t), "min": min(bare_t), "max": max(bare_t)},
         "ratio": ratio,
+        "ratio_same_plugins": statistics.median(submit_t) / statistics.median(bare_t),
         "goal_ratio": 1.10,
         "submit_to_first_test_s": {"median": statistics.median(first_t), "min": min(first_t),
                                    "max": max(first_t)} if first_t else None,
@@ -89,7 +96,8 @@ def main() -> None:
     res = measure(args.quick, args.suite)
     print(json.dumps(res))
     print(f"submit {res['submit_s']['median']:.2f}s vs pytest {res['pytest_s']['median']:.2f}s: "
-          f"ratio {res['ratio']:.2f} (goal <= 1.10); first test after "
+          f"ratio {res['ratio']:.2f} (goal <= 1.10; {res['ratio_same_plugins']:.2f} against pytest with "
+          f"plugin autoload off, as the agent runs it); first test after "
           f"{res['submit_to_first_test_s']['median'] if res['submit_to_first_test_s'] else float('nan'):.2f}s",
           file=sys.stderr)
 

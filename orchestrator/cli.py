@@ -117,7 +117,7 @@ def _check_suites(suites: tuple[str, ...]) -> list[str]:
 @click.pass_obj
 def submit(ctx: Ctx, suites: tuple[str, ...], inventory: str, hosts: str | None, select: tuple[str, ...],
            timeout: float, expires: float, no_wait: bool) -> None:
-    """Run SUITES (e.g. suites/isolation) on the selected hosts and write reports/<run-id>/."""
+    """Run SUITES such as suites/isolation on the selected hosts; write reports/<run-id>/."""
     names = _check_suites(suites)
     chosen = _load_hosts(inventory, hosts, select, ctx)
     opts = RunOptions(timeout=timeout, expires=expires, no_wait=no_wait)
@@ -320,7 +320,7 @@ def matrix(ctx: Ctx, run_id: str | None, kernel: str | None, suite: str | None, 
 
 @main.command()
 @click.option("--suite", "suites", multiple=True, help="Suite(s) to check (default: all).")
-@click.option("--uarch", "uarchs", multiple=True, help="Simulated uarch(es) (default: a representative set).")
+@click.option("--uarch", "uarchs", multiple=True, help="Simulated uarch(es) (default: all of sim.yaml).")
 @click.option("--fault", "faults", multiple=True, help="Fault id(s) (default: the whole catalogue).")
 @click.pass_obj
 def sensitivity(ctx: Ctx, suites: tuple[str, ...], uarchs: tuple[str, ...], faults: tuple[str, ...]) -> None:

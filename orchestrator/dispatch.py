@@ -120,10 +120,12 @@ class Dispatcher:
 
     def _restarted(self, p: Pending) -> str | None:
         """The agent that started this job is gone but its host beats again: a new life of the agent."""
-        started_by = p.progress.get("worker_pid")
+        started_by, since = p.progress.get("worker_pid"), p.progress.get("since", 0.0)
         hb = (self.liveness().get(p.host.name) or {}).get("heartbeat")
         if not started_by or not hb or hb.get("pid") == started_by:
             return None
+        if float(hb["ts"]) <= float(since):
+            return None  # a beat from before this job began: the new agent has not beaten yet
         if time.time() - float(hb["ts"]) > 2 * float(hb.get("interval", 10)):
             return None  # not beating at all: _stale() speaks for that
         return (f"agent on {p.host.name} restarted mid-suite (worker pid {started_by} gone, now {hb.get('pid')}); "
@@ -216,7 +218,7 @@ class Dispatcher:
     def done(self) -> bool:
         return all(p.status in FINAL_JOB_STATES for p in self.pending)
 
-    def wait(self, interval: float = 0.2, tty: bool | None = None) -> None:
+    def wait(self, interval: float = 0.05, tty: bool | None = None) -> None:
         tty = sys.stdout.isatty() if tty is None else tty
         if tty:
             self._wait_rich(interval)

@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 
 from agent import guestimage
-from agent.drivers.guest import GUEST_PROBES, GUEST_SUITE_PROBES, GuestDriver
+from agent.drivers.guest import GuestDriver
 from agent.facts import collect_facts, flat_facts
+from agent.protocol import GUEST_PROBES, GUEST_SUITE_PROBES
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_PMU = {errno.ENOENT, errno.EOPNOTSUPP, errno.ENODEV}

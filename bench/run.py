@@ -1,0 +1,137 @@
+"""One command for every performance figure: runs each benchmark, records machine details, writes
+bench/results/latest.json and latest.md, and regenerates the README's performance section.
+
+Each benchmark repeats itself and reports median and spread; ratios are measured within one
+benchmark run (both sides alternated on the same machine state). `--quick` is a smoke run (< 1 min):
+fewer repetitions and smaller sizes, and the gate benchmark is left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+# name -> (full args, quick args or None to skip in --quick, what it measures)
+BENCHES: dict[str, tuple[list[str], list[str] | None, str]] = {
+    "probe_latency": ([], ["--quick"], "harness `vpmu run selftest`, whole process"),
+    "guest_boot": ([], ["--quick"], "Linux guest boot-to-result (QEMU) vs harness probe"),
+    "submit_overhead": ([], ["--quick"], "`orchestrator submit` vs plain `pytest`, same suite"),
+    "aggregate": ([], ["--quick"], "write_reports over 100k results (quick: 10k)"),
+    "sim_farm": (["--hosts", "1000"], ["--hosts", "10"], "dispatch + aggregation, N simulated hosts"),
+    "gate": ([], None, "gate time-to-verdict on simulated hosts"),
+}
+
+
+def machine() -> dict[str, Any]:
+    cpu = ""
+    with contextlib.suppress(OSError, StopIteration):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    load = os.getloadavg()
+    return {"host": platform.node(), "kernel": platform.release(), "python": platform.python_version(),
+            "cpu": cpu, "cores": os.cpu_count(), "mem_gib": round(os.sysconf("SC_PAGE_SIZE")
+                                                                 * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "loadavg_at_start": [round(x, 2) for x in load]}
+
+
+def first_json(text: str) -> dict[str, Any] | None:
+    start = text.find("{")
+    while start != -1:
+        try:
+            obj, _ = json.JSONDecoder().raw_decode(text[start:])
+            if isinstance(obj, dict):
+                return obj
+        except json.JSONDecodeError:
+            pass
+        start = text.find("{", start + 1)
+    return None
+
+
+def run_one(name: str, args: list[str], timeout: float) -> dict[str, Any]:
+    t0 = time.monotonic()
+    try:
+        r = subprocess.run([sys.executable, str(ROOT / "bench" / f"{name}.py"), *args], cwd=ROOT,
+                           capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"name": name, "ok": False, "error": f"timed out after {timeout:g}s"}
+    data = first_json(r.stdout)
+    summary = (r.stderr.strip().splitlines() or r.stdout.strip().splitlines() or [""])[-1]
+    if r.returncode != 0 or data is None:
+        return {"name": name, "ok": False, "error": f"exit {r.returncode}: {summary[:300]}",
+                "seconds": time.monotonic() - t0}
+    return {"name": name, "ok": True, "args": args, "seconds": round(time.monotonic() - t0, 2),
+            "summary": summary, "data": data}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [f"Measured {report['when']} on {m['cpu']} ({m['cores']} cores, {m['mem_gib']} GiB), "
+             f"kernel {m['kernel']}, load average {m['loadavg_at_start'][0]} at start"
+             + (" (quick run: smaller sizes)" if report["quick"] else "") + ". `make bench` regenerates this.",
+             "", "| benchmark | what | result |", "|---|---|---|"]
+    for name, (_, _, what) in BENCHES.items():
+        res = report["results"].get(name)
+        if res is None:
+            text = "not run (full run only)"
+        elif not res["ok"]:
+            text = f"failed: {res['error']}"
+        else:
+            text = res["summary"].replace("|", "/")
+        lines.append(f"| {name} | {what} | {text} |")
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(md: str) -> None:
+    text = README.read_text()
+    block = f"{BEGIN}\n{md}{END}"
+    if BEGIN in text and END in text:
+        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip() + "\n\n## Performance\n" + block + "\n"
+    README.write_text(text)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="smoke run, under a minute")
+    ap.add_argument("--only", nargs="*", choices=list(BENCHES), help="run only these")
+    ap.add_argument("--no-readme", action="store_true", help="do not rewrite the README section")
+    args = ap.parse_args()
+    report: dict[str, Any] = {"when": datetime.now(UTC).isoformat(timespec="seconds"), "quick": args.quick,
+                              "machine": machine(), "results": {}}
+    for name, (full, quick, _) in BENCHES.items():
+        if args.only and name not in args.only:
+            continue
+        bench_args = quick if args.quick else full
+        if bench_args is None:
+            continue
+        print(f"bench {name} ...", file=sys.stderr, flush=True)
+        res = run_one(name, bench_args, timeout=120 if args.quick else 1800)
+        report["results"][name] = res
+        print(f"  {res.get('summary') if res['ok'] else 'FAILED: ' + res['error']}", file=sys.stderr)
+    out = ROOT / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    (out / "latest.json").write_text(json.dumps(report, indent=2))
+    md = markdown(report)
+    (out / "latest.md").write_text(md)
+    if not args.no_readme and not args.only:
+        update_readme(md)
+    print(md)
+    return 0 if all(r["ok"] for r in report["results"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
