@@ -131,22 +131,44 @@ class Dispatcher:
         return (f"agent on {p.host.name} restarted mid-suite (worker pid {started_by} gone, now {hb.get('pid')}); "
                 "agent lost mid-suite")
 
+    def _states(self, open_jobs: list[Pending]) -> dict[str, tuple[str, Any]]:
+        """task id -> (state, info) for many jobs in a few MGETs; {} where the backend is not Redis.
+
+        One GET per job per poll would cost a thousand round trips a tick on a big farm.
+        """
+        backend = self.app.backend
+        if not open_jobs or not hasattr(backend, "client") or not hasattr(backend, "get_key_for_task"):
+            return {}
+        out: dict[str, tuple[str, Any]] = {}
+        for i in range(0, len(open_jobs), 500):
+            chunk = open_jobs[i:i + 500]
+            values = backend.client.mget([backend.get_key_for_task(p.result.id) for p in chunk])
+            for p, raw in zip(chunk, values, strict=True):
+                meta = backend.decode_result(raw) if raw else {"status": "PENDING", "result": None}
+                out[p.result.id] = (meta["status"], meta.get("result"))
+        return out
+
     def poll_once(self) -> list[Pending]:
         """Advance every job one step; returns the jobs that changed (for progress output)."""
         changed = []
-        for p in list(self.pending):
-            if p.status in FINAL_JOB_STATES:
-                continue
+        open_jobs = [p for p in self.pending if p.status not in FINAL_JOB_STATES]
+        try:
+            states = self._states(open_jobs)
+        except (redis.RedisError, OSError, ConnectionError):
+            return changed  # broker restarting: look again next round
+        for p in open_jobs:
             try:
-                step = self._step(p)
+                step = self._step(p, states.get(p.result.id))
             except (redis.RedisError, OSError, ConnectionError):
                 continue  # broker restarting: the job is still where it was; look again next round
             if step:
                 changed.append(p)
         return changed
 
-    def _step(self, p: Pending) -> bool:
-        state = p.result.state
+    def _step(self, p: Pending, known: tuple[str, Any] | None = None) -> bool:
+        state, info = known if known else (p.result.state, None)
+        if known and state in ("SUCCESS", "FAILURE", "REVOKED"):
+            state = p.result.state  # final: let Celery rebuild the result or the exception
         job: dict[str, Any] | None = None
         retry = False
         if state == "SUCCESS":
@@ -168,7 +190,9 @@ class Dispatcher:
                 self.store.mark_running(p.job_id)
                 p.status = "running"
                 changed = True
-            info = p.result.info if state == "PROGRESS" and isinstance(p.result.info, dict) else {}
+            if not known:
+                info = p.result.info
+            info = info if state == "PROGRESS" and isinstance(info, dict) else {}
             if info and info != p.progress:
                 p.progress = info
                 changed = True

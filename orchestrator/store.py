@@ -155,9 +155,13 @@ class Store:
             jobs.append(d)
         return jobs
 
-    def counts(self, run_id: str) -> dict[str, int]:
+    def counts(self, run_id: str, skip_suites: tuple[str, ...] = ("health",)) -> dict[str, int]:
+        """Outcome counts of a run's last attempts (health checks left out: they judge hosts, not kernels)."""
+        marks = ",".join("?" * len(skip_suites)) or "''"
         rows = self.db.execute("SELECT r.outcome, COUNT(*) n FROM results r JOIN jobs j ON j.id=r.job_id "
-                               "WHERE j.run_id=? GROUP BY r.outcome", (run_id,))
+                               f"WHERE j.run_id=? AND j.suite NOT IN ({marks}) AND j.attempt = (SELECT MAX(attempt) "
+                               "FROM jobs k WHERE k.run_id=j.run_id AND k.host=j.host AND k.suite=j.suite) "
+                               "GROUP BY r.outcome", (run_id, *skip_suites))
         return {r["outcome"]: r["n"] for r in rows}
 
     # hosts ------------------------------------------------------------------------------------------
