@@ -131,3 +131,15 @@ def test_dead_host_job_expires_as_infra_error(tmp_path: Path, farm_env: dict[str
         assert "no agent took it" in r.stdout
     finally:
         server.stop()
+
+
+def test_hard_time_limit_gives_timeout_not_failure(tmp_path: Path, farm_env: dict[str, str]) -> None:
+    """A suite past --timeout is killed by the agent: the job is `timeout` and the run exits 3, not 1."""
+    inv = tmp_path / "one.yaml"
+    inv.write_text("- {name: solo, address: local}\n")
+    env = {**farm_env, "PMUFARM_TEST_MARKER": str(tmp_path / "m.txt"), "PMUFARM_TEST_SLEEP": "30"}
+    r = run_cli("--reports-dir", str(tmp_path / "r"), "submit", "suites/slow", "--inventory", str(inv),
+                "--timeout", "3", env=env, timeout=120)
+    assert r.returncode == 3, r.stdout + r.stderr
+    rows = db_rows(farm_env, "SELECT status, log_tail FROM jobs WHERE suite='slow'")
+    assert rows[0][0] == "timeout" and "hard timeout after 3s" in rows[0][1]
