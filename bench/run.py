@@ -24,14 +24,16 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
-# name -> (full args, quick args or None to skip in --quick, what it measures)
-BENCHES: dict[str, tuple[list[str], list[str] | None, str]] = {
-    "probe_latency": ([], ["--quick"], "harness `vpmu run selftest`, whole process"),
-    "guest_boot": ([], ["--quick"], "Linux guest boot-to-result (QEMU) vs harness probe"),
-    "submit_overhead": ([], ["--quick"], "`orchestrator submit` vs plain `pytest`, same suite"),
-    "aggregate": ([], ["--quick"], "write_reports over 100k results (quick: 10k)"),
-    "sim_farm": (["--hosts", "1000"], ["--hosts", "10"], "dispatch + aggregation, N simulated hosts"),
-    "gate": ([], None, "gate time-to-verdict on simulated hosts"),
+# name -> (script, full args, quick args or None to skip in --quick, what it measures)
+BENCHES: dict[str, tuple[str, list[str], list[str] | None, str]] = {
+    "probe_latency": ("probe_latency", [], ["--quick"], "harness `vpmu run selftest` (1000 exits), whole process"),
+    "probe_latency_1": ("probe_latency", ["--iterations", "1"], ["--quick", "--iterations", "1"],
+                        "the same with one iteration: VM set-up and teardown alone"),
+    "guest_boot": ("guest_boot", [], ["--quick"], "Linux guest boot-to-result (QEMU) vs harness probe"),
+    "submit_overhead": ("submit_overhead", [], ["--quick"], "`orchestrator submit` vs plain `pytest`, same suite"),
+    "aggregate": ("aggregate", [], ["--quick"], "write_reports over 100k results (quick: 10k)"),
+    "sim_farm": ("sim_farm", ["--hosts", "1000"], ["--hosts", "10"], "dispatch + aggregation, N simulated hosts"),
+    "gate": ("gate", [], None, "gate time-to-verdict on simulated hosts"),
 }
 
 
@@ -60,10 +62,10 @@ def first_json(text: str) -> dict[str, Any] | None:
     return None
 
 
-def run_one(name: str, args: list[str], timeout: float) -> dict[str, Any]:
+def run_one(name: str, script: str, args: list[str], timeout: float) -> dict[str, Any]:
     t0 = time.monotonic()
     try:
-        r = subprocess.run([sys.executable, str(ROOT / "bench" / f"{name}.py"), *args], cwd=ROOT,
+        r = subprocess.run([sys.executable, str(ROOT / "bench" / f"{script}.py"), *args], cwd=ROOT,
                            capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"name": name, "ok": False, "error": f"timed out after {timeout:g}s"}
@@ -82,7 +84,7 @@ def markdown(report: dict[str, Any]) -> str:
              f"kernel {m['kernel']}, load average {m['loadavg_at_start'][0]} at start"
              + (" (quick run: smaller sizes)" if report["quick"] else "") + ". `make bench` regenerates this.",
              "", "| benchmark | what | result |", "|---|---|---|"]
-    for name, (_, _, what) in BENCHES.items():
+    for name, (_, _, _, what) in BENCHES.items():
         res = report["results"].get(name)
         if res is None:
             text = "not run (full run only)"
@@ -112,14 +114,14 @@ def main() -> int:
     args = ap.parse_args()
     report: dict[str, Any] = {"when": datetime.now(UTC).isoformat(timespec="seconds"), "quick": args.quick,
                               "machine": machine(), "results": {}}
-    for name, (full, quick, _) in BENCHES.items():
+    for name, (script, full, quick, _) in BENCHES.items():
         if args.only and name not in args.only:
             continue
         bench_args = quick if args.quick else full
         if bench_args is None:
             continue
         print(f"bench {name} ...", file=sys.stderr, flush=True)
-        res = run_one(name, bench_args, timeout=120 if args.quick else 1800)
+        res = run_one(name, script, bench_args, timeout=120 if args.quick else 1800)
         report["results"][name] = res
         print(f"  {res.get('summary') if res['ok'] else 'FAILED: ' + res['error']}", file=sys.stderr)
     out = ROOT / "bench" / "results"
