@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import gc
 import json
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -27,7 +30,7 @@ PYTEST_STATUS = {0: "passed", 1: "failed", 5: "no_tests"}
 # Built-in pytest plugins a simulated host's suite never uses; dropping them cuts a run by a third,
 # which is what lets a shared worker serve hundreds of simulated hosts. Real hosts keep them all.
 SIM_SKIP_PLUGINS = ("doctest", "pastebin", "legacypath", "recwarn", "stepwise", "setuponly", "setupplan",
-                    "debugging", "logging", "warnings")
+                    "debugging", "logging", "warnings", "unraisableexception", "threadexception")
 LOG_TAIL = 4000
 PR_SET_PDEATHSIG = 1
 
@@ -127,15 +130,24 @@ class _ProgressTail(threading.Thread):
         return offset + consumed
 
 
+def _warm_for_fork() -> None:
+    """Import what every suite run needs once, and freeze it out of the children's garbage collections."""
+    import importlib
+
+    from _pytest.config import default_plugins
+
+    for name in ("pytest", "agent.plugin", "agent.progress_plugin", "agent.drivers.model",
+                 *(f"_pytest.{p}" for p in default_plugins)):
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+    gc.freeze()
+
+
 class _ForkedPytest:
     """``pytest.main`` in a forked child: crash-isolated like a subprocess, without its start-up cost."""
 
     def __init__(self, args: list[str], env: dict[str, str], logf: Any) -> None:
-        import pytest  # noqa: F401 - imported before the fork so every child inherits it warm
-
-        import agent.drivers.model  # noqa: F401
-        import agent.plugin  # noqa: F401
-
+        _warm_for_fork()
         logf.flush()
         self.pid = os.fork()
         if self.pid == 0:  # child: never returns
@@ -153,16 +165,16 @@ class _ForkedPytest:
                 os._exit(code)
 
     def wait(self, timeout: float | None = None) -> int:
-        deadline = time.monotonic() + timeout if timeout is not None else None
-        delay = 0.005
-        while True:
-            pid, status = os.waitpid(self.pid, os.WNOHANG if deadline is not None else 0)
-            if pid:
-                return os.waitstatus_to_exitcode(status)
-            if deadline is not None and time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired("pytest", timeout)
-            time.sleep(delay)
-            delay = min(delay * 2, 0.02)
+        """Block until the child exits (a pidfd wakes us at once), or raise TimeoutExpired."""
+        fd = os.pidfd_open(self.pid)
+        try:
+            ready, _, _ = select.select([fd], [], [], timeout)
+        finally:
+            os.close(fd)
+        if not ready:
+            raise subprocess.TimeoutExpired("pytest", timeout or 0)
+        _, status = os.waitpid(self.pid, 0)
+        return os.waitstatus_to_exitcode(status)
 
 
 def pytest_main(args: list[str]) -> int:
@@ -219,7 +231,8 @@ def run_suite_job(host: dict[str, Any], suite: str, run_id: str, attempt: int = 
     simulated = host.get("driver", "kvm") == "model"
     with tempfile.TemporaryFile(mode="w+") as logf:
         # Simulated hosts own no hardware: a fork of this warm process skips interpreter start-up and imports.
-        trimmed = [a for name in SIM_SKIP_PLUGINS for a in ("-p", f"no:{name}")]
+        # --tb=native: pytest's own traceback style parses the source of every frame of every xfail.
+        trimmed = [a for name in SIM_SKIP_PLUGINS for a in ("-p", f"no:{name}")] + ["--tb=native"]
         proc = _ForkedPytest(cmd[3:] + trimmed, env, logf) if simulated else subprocess.Popen(
             cmd, cwd=tree_root(), stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True,
             preexec_fn=_die_with_parent)

@@ -239,6 +239,11 @@ class Dispatcher:
             if p.attempt < max_attempts():
                 self.send(p.host, p.suite, p.attempt + 1, p.only)
 
+    def _interval(self, base: float) -> float:
+        """Poll fast for a few jobs, slower for a big farm: a tick costs work per open job."""
+        open_jobs = sum(p.status not in FINAL_JOB_STATES for p in self.pending)
+        return min(1.0, max(base, open_jobs * 0.0005))
+
     def done(self) -> bool:
         return all(p.status in FINAL_JOB_STATES for p in self.pending)
 
@@ -258,7 +263,7 @@ class Dispatcher:
                     shown[p.job_id] = text
                     _line(f"{p.host.name} {p.suite}" + (f" (attempt {p.attempt})" if p.attempt > 1 else "")
                           + f": {text}")
-            time.sleep(interval)
+            time.sleep(self._interval(interval))
 
     def _wait_rich(self, interval: float) -> None:
         from rich.live import Live
@@ -276,7 +281,7 @@ class Dispatcher:
             while not self.done():
                 if self.poll_once():
                     live.update(table())
-                time.sleep(interval)
+                time.sleep(self._interval(interval))
             live.update(table())
 
 

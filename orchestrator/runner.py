@@ -40,10 +40,9 @@ def job_exit_code(jobs: list[dict[str, Any]]) -> int:
 
     Only the last attempt of each (host, suite) counts: a retried infra error that then ran is settled.
     """
-    last: dict[tuple[str, str], dict[str, Any]] = {}
-    for j in sorted(jobs, key=lambda j: j.get("attempt", 1)):
-        last[(j["host"], j["suite"])] = j
-    jobs = list(last.values())
+    from orchestrator.reports.naming import latest_attempts
+
+    jobs = list(latest_attempts(jobs))
     statuses = {j["status"] for j in jobs}
     outcomes = {t["outcome"] for j in jobs for t in j.get("tests", [])}
     if statuses & {"failed", "error"} or outcomes & {"failed", "error", "xpassed"}:
