@@ -33,7 +33,7 @@ from typing import Any
 
 import pytest
 
-from agent.protocol import PROBES, ProbeResult, parse_params
+from agent.protocol import GUEST_PROBES, PROBES, ProbeResult, parse_params
 
 # --------------------------------------------------------------------------------------------------
 # Errata vocabulary (contracts §6): which counted event a symptom bends and how far.
@@ -489,9 +489,9 @@ def probe(request: pytest.FixtureRequest, pmufarm_state: PmufarmState) -> ProbeF
     """
 
     def run(name: str, **params: Any) -> ProbeResult:
-        spec = PROBES.get(name)
+        spec = PROBES.get(name) or GUEST_PROBES.get(name)
         if spec is None:
-            pytest.fail(f"unknown probe {name!r} (known: {', '.join(PROBES)})", pytrace=False)
+            pytest.fail(f"unknown probe {name!r} (known: {', '.join([*PROBES, *GUEST_PROBES])})", pytrace=False)
         try:
             merged = parse_params(spec, params)
         except ValueError as exc:
