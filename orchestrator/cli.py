@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,7 @@ def submit(ctx: Ctx, suites: tuple[str, ...], inventory: str, hosts: str | None,
     names = _check_suites(suites)
     chosen = _load_hosts(inventory, hosts, select, ctx)
     opts = RunOptions(timeout=timeout, expires=expires, no_wait=no_wait)
+    _terminate_like_ctrl_c()
     try:
         run_id = execute_run(ctx.store, ctx.state_dir, chosen, names, str(inventory), opts, click.echo)
     except RunError as exc:
@@ -132,6 +134,15 @@ def submit(ctx: Ctx, suites: tuple[str, ...], inventory: str, hosts: str | None,
         click.echo(run_id)
         return
     sys.exit(_write_and_summarise(ctx, run_id))
+
+
+def _terminate_like_ctrl_c() -> None:
+    """SIGTERM/SIGHUP (a CI job cancelled, a closed terminal) clean up like Ctrl-C: run marked, farm stopped."""
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupt)
 
 
 def _write_and_summarise(ctx: Ctx, run_id: str) -> int:

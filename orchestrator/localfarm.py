@@ -6,6 +6,8 @@ broker and the workers differs.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -21,6 +23,12 @@ import redis
 
 class LocalFarmError(RuntimeError):
     pass
+
+
+def _stop_with_parent() -> None:
+    """Runs in the child before exec: SIGTERM it when the orchestrator dies, even by SIGKILL."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def find_redis_server() -> str:
@@ -75,7 +83,8 @@ class RedisServer:
                "--maxmemory-policy", "noeviction", "--daemonize", "no", "--logfile", str(self.dir / "redis.log"),
                *self.extra]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True)
+                                     stderr=subprocess.DEVNULL, start_new_session=True,
+                                     preexec_fn=_stop_with_parent)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -132,17 +141,18 @@ class Worker:
         with open(self.log_path, "ab") as log:
             # Own session: Ctrl-C reaches the orchestrator only, which then stops workers in order.
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         env=env, start_new_session=True)
+                                         env=env, start_new_session=True, preexec_fn=_stop_with_parent)
         return self
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def stop(self, timeout: float = 15) -> None:
+    def stop(self, timeout: float = 15, cold: bool = False) -> None:
+        """Warm shutdown lets the current suite finish; cold (SIGQUIT, after Ctrl-C) ends it now."""
         if not self.alive():
             return
         assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)  # warm shutdown: finish or hand back the current task
+        self.proc.send_signal(signal.SIGQUIT if cold else signal.SIGTERM)
         try:
             self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -189,9 +199,9 @@ class LocalFarm:
             raise
         return self
 
-    def close(self) -> None:
+    def close(self, cold: bool = False) -> None:
         for w in self.workers:
-            w.stop()
+            w.stop(timeout=5 if cold else 15, cold=cold)
         self.redis.stop()
 
     def __exit__(self, *exc: object) -> None:

@@ -52,6 +52,18 @@ def job_exit_code(jobs: list[dict[str, Any]]) -> int:
     return EXIT_OK
 
 
+def client_app(broker: str) -> Any:
+    """The orchestrator's side of the Celery app: it gives up on a dead broker quickly (its polling loop
+    retries on its own), where agents keep retrying to store a finished suite's result."""
+    from agent.celery_app import make_app
+
+    app = make_app(broker)
+    app.conf.result_backend_transport_options = {
+        **(app.conf.result_backend_transport_options or {}),
+        "retry_policy": {"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}}
+    return app
+
+
 def execute_run(store: Store, state_dir: Path, hosts: list[Host], suites: list[str], inventory: str,
                 opts: RunOptions, echo: Any = print) -> str:
     """Dispatch ``suites`` to ``hosts`` and wait (unless no_wait); returns the run id.
@@ -59,7 +71,6 @@ def execute_run(store: Store, state_dir: Path, hosts: list[Host], suites: list[s
     With no FARM_BROKER_URL a private Redis and local workers are started and stopped around the run.
     Raises RunError for input/infrastructure problems; KeyboardInterrupt marks the run interrupted.
     """
-    from agent.celery_app import make_app
     from orchestrator import dispatch, health
     from orchestrator.localfarm import LocalFarm, LocalFarmError, wait_for_workers
 
@@ -78,13 +89,14 @@ def execute_run(store: Store, state_dir: Path, hosts: list[Host], suites: list[s
         raise RunError(EXIT_INFRA, "no host in service among the selected ones")
     run_id = dispatch.new_run_id()
     farm = None
+    interrupted = False
     try:
         if not broker:
             farm = LocalFarm(state_dir, [h.name for h in hosts if h.driver == "kvm"],
                              [h.name for h in hosts if h.driver == "model"])
             farm.__enter__()
             broker = farm.redis.url
-        app = make_app(broker)
+        app = client_app(broker)
         if farm:
             wait_for_workers(app, farm.workers)
         store.create_run(run_id, suites, inventory, opts.meta)
@@ -110,16 +122,18 @@ def execute_run(store: Store, state_dir: Path, hosts: list[Host], suites: list[s
             store.finish_run(run_id, "infra_error")
         raise RunError(EXIT_INFRA, str(exc)) from None
     except KeyboardInterrupt:
+        interrupted = True
         if store.run(run_id):
             store.finish_run(run_id, "interrupted")
         raise
     finally:
         if farm:
-            farm.close()
             # kombu pools are process-global and keyed by URL; the next local farm reuses the socket path.
+            # Reset them while Redis still answers, or closing them retries against a dead socket.
             from kombu import pools
 
             pools.reset()
+            farm.close(cold=interrupted)
     return run_id
 
 
@@ -152,7 +166,6 @@ def resume_run(store: Store, run_id: str, wait: bool, opts: RunOptions | None = 
     """
     from celery.result import AsyncResult
 
-    from agent.celery_app import make_app
     from orchestrator import dispatch
     from orchestrator.inventory import Host
     from orchestrator.store import FINAL_JOB_STATES
@@ -174,7 +187,7 @@ def resume_run(store: Store, run_id: str, wait: bool, opts: RunOptions | None = 
         store.finish_run(run_id, "interrupted")
         return True
     opts = opts or RunOptions()
-    app = make_app(broker)
+    app = client_app(broker)
     d = dispatch.Dispatcher(app, store, run_id, opts.timeout, opts.expires)
     for j in open_jobs:
         # Unknown queue age after a restart: the expiry window starts again now.

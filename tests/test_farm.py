@@ -6,14 +6,19 @@ PATH) and real `agent worker` processes through `orchestrator submit`, exactly a
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from junitparser import JUnitXml
 
 from agent.tasks import SuiteRefused, resolve_suite
-from tests.conftest import TREE, run_cli
+from tests.conftest import ROOT, TREE, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -143,3 +148,27 @@ def test_hard_time_limit_gives_timeout_not_failure(tmp_path: Path, farm_env: dic
     assert r.returncode == 3, r.stdout + r.stderr
     rows = db_rows(farm_env, "SELECT status, log_tail FROM jobs WHERE suite='slow'")
     assert rows[0][0] == "timeout" and "hard timeout after 3s" in rows[0][1]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupt_stops_the_local_farm(tmp_path: Path, farm_env: dict[str, str], sig: signal.Signals) -> None:
+    """Ctrl-C (or a CI job's SIGTERM) mid-suite: run marked interrupted, private Redis and workers gone."""
+    inv = tmp_path / "one.yaml"
+    inv.write_text("- {name: solo, address: local}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FARM_")} | farm_env | {
+        "PMUFARM_TEST_MARKER": str(tmp_path / "m.txt"), "PMUFARM_TEST_SLEEP": "60"}
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "--reports-dir", str(tmp_path / "r"),
+                             "submit", "suites/slow", "--inventory", str(inv)], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "m.txt").exists():  # the suite is running
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        time.sleep(0.1)
+    started = time.monotonic()
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 130, out
+    assert time.monotonic() - started < 15
+    assert db_rows(farm_env, "SELECT status FROM runs") == [("interrupted",)]
+    left = subprocess.run(["pgrep", "-f", farm_env["FARM_STATE_DIR"]], capture_output=True, text=True).stdout
+    assert not left.strip(), f"processes of the local farm outlived it: {left}"
