@@ -51,7 +51,7 @@ from .tables import (
     match_errata,
     uarch_by_id,
 )
-from .vendors import vendor_name
+from .vendors import VENDORS, vendor_name
 from .verdict import mediated_verdict
 
 SCHEMA = 1
@@ -118,13 +118,14 @@ def collect_facts(cpuid_dump: str | Path | None = None) -> dict[str, Any]:
         cpu, pmu = _cpu_from_cpuinfo(info), empty_pmu()
     if live:
         cpu["microcode"] = info.get("microcode")
-        if cpu["vendor"] == "intel" and pmu.get("pdcm"):
+        v = VENDORS.get(cpu["vendor"])
+        if v is not None and v.has_perf_capabilities and pmu.get("pdcm"):
             apply_perf_capabilities(pmu, read_msr(MSR_IA32_PERF_CAPABILITIES))
-        if cpu["vendor"] == "amd" and leaves is not None and pmu["gp_counters"] is None:
+        if v is not None and v.perf_probes_legacy_counters and leaves is not None and pmu["gp_counters"] is None:
             # AMD legacy counters under a hypervisor: CPUID cannot say, the kernel's perf probed them.
             registered = perf_core_pmu_registered()
             if registered is not None:
-                pmu.update(decode_pmu(leaves, "amd", amd_legacy_counters=4 if registered else 0))
+                pmu.update(decode_pmu(leaves, v.name, amd_legacy_counters=4 if registered else 0))
 
     facts: dict[str, Any] = {
         "schema": SCHEMA,

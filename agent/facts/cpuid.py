@@ -38,6 +38,11 @@ _RAW_LINE = re.compile(
 _NUMBER = re.compile(r"^(0x[0-9a-f]+|0|[1-9][0-9]*)$", re.IGNORECASE)
 
 
+def bit(value: int | None, n: int) -> bool | None:
+    """Bit ``n`` of a register value, ``None`` when the register is unknown."""
+    return None if value is None else bool(value >> n & 1)
+
+
 class CpuidDumpError(ValueError):
     """A dump could not be parsed. ``str(err)`` is one line: ``FILE:LINE: what``."""
 

@@ -39,13 +39,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .cpuid import Leaves
-from .vendors import AMD, INTEL, INTEL_ARCH_EVENTS, vendor_name
+from .cpuid import Leaves, bit
+from .vendors import BY_HYPERVISOR_BIT, VENDORS, vendor_name
 
 ZERO = (0, 0, 0, 0)
-AMD_LEGACY_COUNTERS = 4
-AMD_EXT_CORE_COUNTERS = 6
-AMD_COUNTER_WIDTH = 48
 PERF_CAP_FW_WRITE_BIT = 13
 
 CPU_KEYS = ("vendor", "vendor_id", "family", "model", "stepping", "microcode", "model_name", "uarch",
@@ -53,10 +50,6 @@ CPU_KEYS = ("vendor", "vendor_id", "family", "model", "stepping", "microcode", "
 PMU_KEYS = ("version", "gp_counters", "gp_width", "fixed_counters", "fixed_width", "arch_events",
             "arch_events_mask", "fixed_counters_mask", "pdcm", "perf_capabilities", "full_width_writes",
             "perfctr_core", "perfmon_v2", "amd_core_counters")
-
-
-def _bit(value: int | None, bit: int) -> bool | None:
-    return None if value is None else bool(value >> bit & 1)
 
 
 class _Cpuid:
@@ -125,7 +118,14 @@ def decode_cpu(leaves: Leaves) -> dict[str, Any]:
     vendor = vendor_name(vendor_id)
     eax1 = c.reg(1, 0)
     family, model, stepping = signature(eax1) if eax1 is not None else (None, None, None)
-    hybrid = _bit(c.reg(7, 3), 15) if vendor == "intel" else (False if vendor == "amd" else None)
+    v = VENDORS.get(vendor)
+    if v is None:
+        hybrid = None
+    elif v.hybrid_cpuid_bit is None:
+        hybrid = False
+    else:
+        leaf, reg, n = v.hybrid_cpuid_bit
+        hybrid = bit(c.reg(leaf, reg), n)
     row = lookup_uarch(vendor, family, model, stepping) if family is not None else None
     return {
         "vendor": vendor,
@@ -138,14 +138,11 @@ def decode_cpu(leaves: Leaves) -> dict[str, Any]:
         "uarch": row["id"] if row else None,
         "uarch_name": row["name"] if row else None,
         "hybrid": hybrid,
-        "hypervisor": _bit(c.reg(1, 2), 31),
+        "hypervisor": bit(c.reg(1, 2), 31),
     }
 
 
-_BY_HYPERVISOR_BIT = -1
-
-
-def decode_pmu(leaves: Leaves, vendor: str, amd_legacy_counters: int | None = _BY_HYPERVISOR_BIT) -> dict[str, Any]:
+def decode_pmu(leaves: Leaves, vendor: str, amd_legacy_counters: int | None = BY_HYPERVISOR_BIT) -> dict[str, Any]:
     """The ``pmu`` part. ``amd_legacy_counters``: counters to assume for an AMD CPU that enumerates
     neither PerfCtrExtCore nor PerfMonV2. The legacy counters have no CPUID bit: on bare metal
     (no hypervisor bit) they are architectural (4), under a hypervisor CPUID cannot tell whether
@@ -153,55 +150,13 @@ def decode_pmu(leaves: Leaves, vendor: str, amd_legacy_counters: int | None = _B
     kernel's perf); KVM's own rule for its guests is 4 (amd_pmu_refresh())."""
     c = _Cpuid(leaves)
     pmu = empty_pmu()
-    pmu["pdcm"] = _bit(c.reg(1, 2), 15)
-    pmu["perfctr_core"] = _bit(c.reg(0x80000001, 2), 23)
+    pmu["pdcm"] = bit(c.reg(1, 2), 15)
+    pmu["perfctr_core"] = bit(c.reg(0x80000001, 2), 23)
     ext22 = c.get(0x80000022)
-    pmu["perfmon_v2"] = _bit(ext22[0], 0) if ext22 is not None else None
-
-    if vendor == INTEL.name:
-        a = c.get(0xA)
-        if a is not None:
-            eax, ebx, ecx, edx = a
-            version = eax & 0xFF
-            length = eax >> 24 & 0xFF
-            mask = ~ebx & ((1 << length) - 1)
-            nfixed = edx & 0x1F if version > 1 else 0
-            pmu.update(
-                version=version,
-                gp_counters=eax >> 8 & 0xFF,
-                gp_width=eax >> 16 & 0xFF,
-                fixed_counters=nfixed,
-                fixed_width=edx >> 5 & 0xFF if version > 1 else 0,
-                arch_events=[n for i, n in enumerate(INTEL_ARCH_EVENTS) if mask >> i & 1],
-                arch_events_mask=mask,
-                fixed_counters_mask=((1 << nfixed) - 1) | (ecx if version >= 5 else 0),
-            )
-        pmu["full_width_writes"] = False if pmu["pdcm"] is False else None
-        pmu["amd_core_counters"] = 0
-    elif vendor == AMD.name:
-        v2, ext = pmu["perfmon_v2"], pmu["perfctr_core"]
-        if v2:
-            n = ext22[1] & 0xF
-        elif v2 is False and ext:
-            n = AMD_EXT_CORE_COUNTERS
-        elif v2 is False and ext is False:
-            n = amd_legacy_counters
-            if n == _BY_HYPERVISOR_BIT:
-                hv = _bit(c.reg(1, 2), 31)
-                n = None if hv is not False else AMD_LEGACY_COUNTERS
-        else:
-            n = None
-        if n is not None:
-            pmu.update(
-                version=(2 if v2 else 1) if n else 0,
-                gp_counters=n,
-                gp_width=AMD_COUNTER_WIDTH if n else 0,
-                fixed_counters=0,
-                fixed_width=0,
-                arch_events=[e.name for e in AMD.arch_events] if n else [],
-                fixed_counters_mask=0,
-                amd_core_counters=n,
-            )
+    pmu["perfmon_v2"] = bit(ext22[0], 0) if ext22 is not None else None
+    v = VENDORS.get(vendor)
+    if v is not None:
+        v.decode_pmu(c, pmu, amd_legacy_counters)
     return pmu
 
 

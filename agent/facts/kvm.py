@@ -106,10 +106,9 @@ def supported_pmu(leaves: Leaves | None, vendor: str, enable_pmu: bool | None) -
     if enable_pmu is False:
         pmu.update(version=0, gp_counters=0, gp_width=0, fixed_counters=0, fixed_width=0, arch_events=[],
                    fixed_counters_mask=0)
-        if vendor == "intel":
-            pmu["arch_events_mask"] = 0
-        if vendor == "amd":
-            pmu["amd_core_counters"] = 0
+        v = VENDORS.get(vendor)
+        if v is not None:
+            pmu.update(dict.fromkeys(v.zero_without_kvm_pmu, 0))
     return pmu
 
 
@@ -147,7 +146,8 @@ def kvm_state(vendor: str, kvm_device: str | Path = DEV_KVM) -> dict[str, Any]:
     (no such module, or a kernel older than Linux 7.0).
     """
     modules = kvm_vendor_modules()
-    want = VENDORS[vendor].kvm_module if vendor in VENDORS else None
+    v = VENDORS.get(vendor)
+    want = v.kvm_module if v else None
     module = want if want in modules else (modules[0] if modules else None)
     present = Path(kvm_device).exists()
     enable_pmu = read_bool_param(SYS_MODULE / "kvm/parameters/enable_pmu")

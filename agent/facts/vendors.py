@@ -1,4 +1,7 @@
-"""One table per CPU vendor: identity, KVM module, PMU event vocabulary (docs/contracts.md §8).
+"""One table per CPU vendor: identity, KVM module, PMU event vocabulary (docs/contracts.md §8),
+and every other Intel/AMD difference of the host facts (CPUID decoding, live probes, KVM state,
+mediated-vPMU rules). Generic code looks the vendor up once (``VENDORS.get(vendor)``, ``None`` for
+an unknown vendor) and reads the table; the vendor-specific functions are defined here, next to it.
 
 The C side keeps the same names in ``agent/native/include/pmu_events.h``; keep the two in step.
 Encodings are (event select, unit mask) as programmed into an event-select MSR.
@@ -8,7 +11,18 @@ Linux tools/testing/selftests/kvm/include/x86/pmu.h (INTEL_ARCH_* / AMD_ZEN_* en
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .cpuid import bit
+
+if TYPE_CHECKING:
+    from .decode import _Cpuid
+
+# Callable field types of the table (see the Vendor fields below).
+PmuDecoder = Callable[["_Cpuid", dict[str, Any], "int | None"], None]
+CpuRules = Callable[[dict[str, Any], dict[str, Any], bool], list[str]]
 
 
 @dataclass(frozen=True)
@@ -24,7 +38,74 @@ class Vendor:
     vendor_id: str                 # CPUID.0 vendor string
     kvm_module: str                # KVM vendor module exposing enable_mediated_pmu
     arch_events: tuple[Event, ...]  # Intel: CPUID.0AH:EBX bit order; AMD: the Zen core events we use
+    # Fills the vendor part of a ``pmu`` dict from CPUID (decode.decode_pmu() has done the common
+    # bits: pdcm, perfctr_core, perfmon_v2); the int is decode_pmu()'s ``amd_legacy_counters``.
+    decode_pmu: PmuDecoder
+    # Mediated-vPMU reasons from the ``cpu`` and ``pmu`` facts (bool: facts come from a CPUID dump).
+    mediated_cpu_rules: CpuRules
+    # (``pmu`` key, reason): KVM's supported CPUID must have that key truthy for mediated vPMU.
+    kvm_supported_rule: tuple[str, str]
     fixed_counters: tuple[str, ...] = field(default=())  # index i = fixed counter FCi
+    # (leaf, register index, bit) of the hybrid flag; ``None``: the vendor makes no hybrid CPUs.
+    hybrid_cpuid_bit: tuple[int, int, int] | None = None
+    # Live host with PDCM: read IA32_PERF_CAPABILITIES (MSR 0x345) for full-width writes.
+    has_perf_capabilities: bool = False
+    # Live host where CPUID leaves the counters unknown (AMD legacy counters under a hypervisor):
+    # ask whether the kernel's perf registered a core PMU.
+    perf_probes_legacy_counters: bool = False
+    # ``pmu`` keys zeroed, beyond the common ones, in KVM's supported PMU when kvm.enable_pmu=N.
+    zero_without_kvm_pmu: tuple[str, ...] = field(default=())
+
+
+# --- Intel ------------------------------------------------------------------------------------
+
+MIN_INTEL_VERSION = 4  # mediated vPMU needs PERF_GLOBAL_STATUS_SET (architectural PMU v4)
+
+
+def _intel_decode_pmu(c: _Cpuid, pmu: dict[str, Any], amd_legacy_counters: int | None) -> None:
+    a = c.get(0xA)
+    if a is not None:
+        eax, ebx, ecx, edx = a
+        version = eax & 0xFF
+        length = eax >> 24 & 0xFF
+        mask = ~ebx & ((1 << length) - 1)
+        nfixed = edx & 0x1F if version > 1 else 0
+        pmu.update(
+            version=version,
+            gp_counters=eax >> 8 & 0xFF,
+            gp_width=eax >> 16 & 0xFF,
+            fixed_counters=nfixed,
+            fixed_width=edx >> 5 & 0xFF if version > 1 else 0,
+            arch_events=[n for i, n in enumerate(INTEL_ARCH_EVENTS) if mask >> i & 1],
+            arch_events_mask=mask,
+            fixed_counters_mask=((1 << nfixed) - 1) | (ecx if version >= 5 else 0),
+        )
+    pmu["full_width_writes"] = False if pmu["pdcm"] is False else None
+    pmu["amd_core_counters"] = 0
+
+
+def _intel_mediated_cpu_rules(cpu: dict[str, Any], pmu: dict[str, Any], from_dump: bool) -> list[str]:
+    reasons = []
+    version = pmu.get("version")
+    if version is None:
+        reasons.append("CPUID 0x0A EAX[7:0] PMU version unknown")
+    elif version < MIN_INTEL_VERSION:
+        reasons.append(f"CPUID 0x0A EAX[7:0] PMU version={version} < {MIN_INTEL_VERSION}")
+    fw = pmu.get("full_width_writes")
+    if fw is None:
+        how = "not in a CPUID dump" if from_dump else "unreadable"
+        reasons.append(f"IA32_PERF_CAPABILITIES (MSR 0x345) {how}: full-width writes (bit 13) unknown")
+    elif not fw:
+        if pmu.get("pdcm") is False:
+            reasons.append("CPUID 0x1 ECX[15] PDCM=0: no IA32_PERF_CAPABILITIES, so no full-width writes")
+        else:
+            reasons.append("IA32_PERF_CAPABILITIES (MSR 0x345) bit 13 FW_WRITE=0")
+    hybrid = cpu.get("hybrid")
+    if hybrid is None:
+        reasons.append("CPUID 0x7 EDX[15] hybrid unknown")
+    elif hybrid:
+        reasons.append("CPUID 0x7 EDX[15] hybrid=1: KVM disables the vPMU on hybrid CPUs")
+    return reasons
 
 
 INTEL = Vendor(
@@ -55,7 +136,58 @@ INTEL = Vendor(
         "topdown_fe_bound",  # FC5
         "topdown_retiring",  # FC6
     ),
+    decode_pmu=_intel_decode_pmu,
+    mediated_cpu_rules=_intel_mediated_cpu_rules,
+    kvm_supported_rule=("version", "KVM's supported CPUID 0x0A enumerates no PMU (version 0)"),
+    hybrid_cpuid_bit=(0x7, 3, 15),  # CPUID.7.0:EDX[15]
+    has_perf_capabilities=True,
+    zero_without_kvm_pmu=("arch_events_mask",),
 )
+
+
+# --- AMD --------------------------------------------------------------------------------------
+
+AMD_LEGACY_COUNTERS = 4
+AMD_EXT_CORE_COUNTERS = 6
+AMD_COUNTER_WIDTH = 48
+# decode_pmu()'s default ``amd_legacy_counters``: decide the legacy counters by the hypervisor bit.
+BY_HYPERVISOR_BIT = -1
+
+
+def _amd_decode_pmu(c: _Cpuid, pmu: dict[str, Any], amd_legacy_counters: int | None) -> None:
+    v2, ext = pmu["perfmon_v2"], pmu["perfctr_core"]
+    if v2:
+        n = c.reg(0x80000022, 1) & 0xF
+    elif v2 is False and ext:
+        n = AMD_EXT_CORE_COUNTERS
+    elif v2 is False and ext is False:
+        n = amd_legacy_counters
+        if n == BY_HYPERVISOR_BIT:
+            hv = bit(c.reg(1, 2), 31)
+            n = None if hv is not False else AMD_LEGACY_COUNTERS
+    else:
+        n = None
+    if n is not None:
+        pmu.update(
+            version=(2 if v2 else 1) if n else 0,
+            gp_counters=n,
+            gp_width=AMD_COUNTER_WIDTH if n else 0,
+            fixed_counters=0,
+            fixed_width=0,
+            arch_events=[e.name for e in AMD.arch_events] if n else [],
+            fixed_counters_mask=0,
+            amd_core_counters=n,
+        )
+
+
+def _amd_mediated_cpu_rules(cpu: dict[str, Any], pmu: dict[str, Any], from_dump: bool) -> list[str]:
+    v2 = pmu.get("perfmon_v2")
+    if v2 is None:
+        return ["CPUID 0x80000022 EAX[0] PerfMonV2 unknown"]
+    if not v2:
+        return ["CPUID 0x80000022 EAX[0] PerfMonV2=0"]
+    return []
+
 
 AMD = Vendor(
     name="amd",
@@ -67,6 +199,11 @@ AMD = Vendor(
         Event("branches", 0xC2, 0x00),
         Event("branch_misses", 0xC3, 0x00),
     ),
+    decode_pmu=_amd_decode_pmu,
+    mediated_cpu_rules=_amd_mediated_cpu_rules,
+    kvm_supported_rule=("perfmon_v2", "KVM's supported CPUID 0x80000022 has no PerfMonV2"),
+    perf_probes_legacy_counters=True,
+    zero_without_kvm_pmu=("amd_core_counters",),
 )
 
 VENDORS: dict[str, Vendor] = {v.name: v for v in (INTEL, AMD)}

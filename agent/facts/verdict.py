@@ -6,7 +6,8 @@
   full-width writes (bit 13), and not a hybrid CPU (KVM disables the vPMU there);
 * AMD: PerfMonV2 (CPUID 0x80000022 EAX[0]).
 
-Every reason names the missing fact so that skips can quote it.
+The vendor rules live in the vendor table (agent/facts/vendors.py: ``mediated_cpu_rules``,
+``kvm_supported_rule``). Every reason names the missing fact so that skips can quote it.
 """
 
 from __future__ import annotations
@@ -15,41 +16,12 @@ from typing import Any
 
 from .vendors import VENDORS
 
-MIN_INTEL_VERSION = 4
-
 
 def _cpu_reasons(cpu: dict[str, Any], pmu: dict[str, Any], from_dump: bool) -> list[str]:
-    vendor = cpu.get("vendor")
-    reasons = []
-    if vendor == "intel":
-        version = pmu.get("version")
-        if version is None:
-            reasons.append("CPUID 0x0A EAX[7:0] PMU version unknown")
-        elif version < MIN_INTEL_VERSION:
-            reasons.append(f"CPUID 0x0A EAX[7:0] PMU version={version} < {MIN_INTEL_VERSION}")
-        fw = pmu.get("full_width_writes")
-        if fw is None:
-            how = "not in a CPUID dump" if from_dump else "unreadable"
-            reasons.append(f"IA32_PERF_CAPABILITIES (MSR 0x345) {how}: full-width writes (bit 13) unknown")
-        elif not fw:
-            if pmu.get("pdcm") is False:
-                reasons.append("CPUID 0x1 ECX[15] PDCM=0: no IA32_PERF_CAPABILITIES, so no full-width writes")
-            else:
-                reasons.append("IA32_PERF_CAPABILITIES (MSR 0x345) bit 13 FW_WRITE=0")
-        hybrid = cpu.get("hybrid")
-        if hybrid is None:
-            reasons.append("CPUID 0x7 EDX[15] hybrid unknown")
-        elif hybrid:
-            reasons.append("CPUID 0x7 EDX[15] hybrid=1: KVM disables the vPMU on hybrid CPUs")
-    elif vendor == "amd":
-        v2 = pmu.get("perfmon_v2")
-        if v2 is None:
-            reasons.append("CPUID 0x80000022 EAX[0] PerfMonV2 unknown")
-        elif not v2:
-            reasons.append("CPUID 0x80000022 EAX[0] PerfMonV2=0")
-    else:
-        reasons.append(f"CPU vendor {cpu.get('vendor_id')!r} is neither GenuineIntel nor AuthenticAMD")
-    return reasons
+    v = VENDORS.get(cpu.get("vendor"))
+    if v is None:
+        return [f"CPU vendor {cpu.get('vendor_id')!r} is neither GenuineIntel nor AuthenticAMD"]
+    return v.mediated_cpu_rules(cpu, pmu, from_dump)
 
 
 def _kvm_reasons(vendor: str | None, kvm: dict[str, Any], kernel: dict[str, Any]) -> list[str]:
@@ -58,6 +30,7 @@ def _kvm_reasons(vendor: str | None, kvm: dict[str, Any], kernel: dict[str, Any]
         return ["KVM state unknown (facts not probed on a live host)"]
     if not present:
         return ["/dev/kvm missing: KVM not present"]
+    v = VENDORS.get(vendor)
     reasons = []
     enable_pmu = kvm.get("enable_pmu")
     if enable_pmu is None:
@@ -65,7 +38,7 @@ def _kvm_reasons(vendor: str | None, kvm: dict[str, Any], kernel: dict[str, Any]
     elif not enable_pmu:
         reasons.append("kvm.enable_pmu=N")
 
-    want = VENDORS[vendor].kvm_module if vendor in VENDORS else None
+    want = v.kvm_module if v else None
     loaded = kvm.get("vendor_modules")
     if loaded is None:
         loaded = [kvm["module"]] if kvm.get("module") else []
@@ -81,11 +54,10 @@ def _kvm_reasons(vendor: str | None, kvm: dict[str, Any], kernel: dict[str, Any]
             reasons.append(f"{want}.enable_mediated_pmu=N")
 
     sup = kvm.get("supported_pmu")
-    if sup is not None:
-        if vendor == "amd" and not sup.get("perfmon_v2"):
-            reasons.append("KVM's supported CPUID 0x80000022 has no PerfMonV2")
-        elif vendor == "intel" and not sup.get("version"):
-            reasons.append("KVM's supported CPUID 0x0A enumerates no PMU (version 0)")
+    if sup is not None and v is not None:
+        key, reason = v.kvm_supported_rule
+        if not sup.get(key):
+            reasons.append(reason)
     return reasons
 
 
