@@ -61,6 +61,8 @@ __attribute__((format(printf, 2, 3)))
 enum probe_status probe_fail(struct probe_ctx *c, const char *fmt, ...);
 __attribute__((format(printf, 2, 3)))
 enum probe_status probe_unsupported(struct probe_ctx *c, const char *fmt, ...);
+/* Counting probes need global control (mediated implies it: Intel v4+, AMD PerfMonV2) and gp counters. */
+enum probe_status probe_need_counters(struct probe_ctx *c, int gp);
 
 /* Helpers shared by the probe files (lib/probe.c). */
 int probe_vm(struct probe_ctx *c, struct vm *vm, struct vcpu **v, const struct vm_opts *o);

@@ -278,3 +278,14 @@ struct guest_cmd *g_measure(struct probe_ctx *c, struct vcpu *v, uint64_t enable
 {
 	return batch_add(v, OP_MEASURE, c->l->global_ctrl, enable_mask, 0, n, exit_each);
 }
+
+enum probe_status probe_need_counters(struct probe_ctx *c, int gp)
+{
+	if (!c->pmu.has_global)
+		return probe_unsupported(c, "the guest PMU (KVM supported CPUID, version %d) has no "
+					 "global control register", c->pmu.version);
+	if (c->pmu.gp < gp)
+		return probe_unsupported(c, "the guest PMU enumerates %d GP counters (needs %d)",
+					 c->pmu.gp, gp);
+	return PROBE_OK;
+}

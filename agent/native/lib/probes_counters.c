@@ -7,16 +7,6 @@
 
 static const struct vm_opts default_opts = { .irqchip = true };
 
-static enum probe_status need_counters(struct probe_ctx *c)
-{
-	if (!c->pmu.has_global)
-		return probe_unsupported(c, "the guest PMU (KVM supported CPUID, version %d) has no "
-					 "global control register", c->pmu.version);
-	if (c->pmu.gp < 1)
-		return probe_unsupported(c, "the guest PMU enumerates 0 GP counters");
-	return PROBE_OK;
-}
-
 static int start(struct probe_ctx *c, struct vm *vm, struct vcpu **v)
 {
 	if (probe_vm(c, vm, v, &default_opts)) {
@@ -45,7 +35,7 @@ enum probe_status probe_arch_events(struct probe_ctx *c)
 	const struct pmu_layout *l = c->l;
 	const struct pmu_info *p = &c->pmu;
 	struct guest_cmd *reads[16];
-	enum probe_status ret = need_counters(c);
+	enum probe_status ret = probe_need_counters(c, 1);
 	struct vcpu *v;
 	struct vm vm;
 
@@ -115,7 +105,7 @@ enum probe_status probe_disabled_counter(struct probe_ctx *c)
 	const struct pmu_layout *l = c->l;
 	const struct pmu_info *p = &c->pmu;
 	struct guest_cmd *gb[8], *ga[8], *fb[8] = { 0 }, *fa[8] = { 0 };
-	enum probe_status ret = need_counters(c);
+	enum probe_status ret = probe_need_counters(c, 1);
 	int gp = gp_count(c);
 	struct vcpu *v;
 	struct vm vm;
@@ -188,7 +178,7 @@ enum probe_status probe_counter_width(struct probe_ctx *c)
 	uint64_t mask = width_mask(w);
 	const uint64_t full_vals[3] = { 0x80000000ULL, 0x123456789abcULL & mask, mask };
 	struct width_write legacy = { 0 }, full[3], beyond;
-	enum probe_status ret = need_counters(c);
+	enum probe_status ret = probe_need_counters(c, 1);
 	struct vcpu *v;
 	struct vm vm;
 
@@ -236,7 +226,7 @@ enum probe_status probe_global_ctrl(struct probe_ctx *c)
 	const struct pmu_layout *l = c->l;
 	const struct pmu_info *p = &c->pmu;
 	struct guest_cmd *reset, *after;
-	enum probe_status ret = need_counters(c);
+	enum probe_status ret = probe_need_counters(c, 1);
 	uint64_t written;
 	struct vcpu *v;
 	struct vm vm;
@@ -277,7 +267,7 @@ enum probe_status probe_overflow_status(struct probe_ctx *c)
 	const struct pmu_layout *l = c->l;
 	const struct pmu_info *p = &c->pmu;
 	struct guest_cmd *ovf, *clr, *set_wr, *set;
-	enum probe_status ret = need_counters(c);
+	enum probe_status ret = probe_need_counters(c, 1);
 	uint64_t set_mask = p->gp >= 2 ? 0x3 : 0x1;
 	struct vcpu *v;
 	struct vm vm;
@@ -317,7 +307,7 @@ enum probe_status probe_rdpmc(struct probe_ctx *c)
 	const struct pmu_layout *l = c->l;
 	const struct pmu_info *p = &c->pmu;
 	struct { const char *kind; int idx; uint64_t written; struct guest_cmd *rd, *pmc; } r[16];
-	enum probe_status ret = need_counters(c);
+	enum probe_status ret = probe_need_counters(c, 1);
 	struct vcpu *v;
 	struct vm vm;
 	int n = 0;

@@ -49,16 +49,6 @@ static int set_filter(struct vm *vm, uint32_t action, uint32_t flags, uint32_t f
 	return ret;
 }
 
-static enum probe_status need_counters(struct probe_ctx *c, int gp)
-{
-	if (!c->pmu.has_global)
-		return probe_unsupported(c, "the guest PMU (KVM supported CPUID, version %d) has no "
-					 "global control register", c->pmu.version);
-	if (c->pmu.gp < gp)
-		return probe_unsupported(c, "the guest PMU enumerates %d GP counters (needs %d)",
-					 c->pmu.gp, gp);
-	return PROBE_OK;
-}
 
 /* The filter each case sets; the same shapes as agent/drivers/model.py. */
 static int build_case(struct probe_ctx *c, const char *name, struct filter *f)
@@ -138,7 +128,7 @@ enum probe_status probe_event_filter(struct probe_ctx *c)
 	const struct pmu_layout *l = c->l;
 	bool fc0 = l->fixed_base && (c->pmu.fixed_mask & 1);
 	struct guest_cmd *insn, *br, *fix = NULL;
-	enum probe_status ret = need_counters(c, 2);
+	enum probe_status ret = probe_need_counters(c, 2);
 	struct run_stats st = { 0 };
 	struct filter f;
 	struct vcpu *v;
@@ -195,7 +185,7 @@ enum probe_status probe_filter_update(struct probe_ctx *c)
 	const struct pmu_event *br = pmu_event(l, "branches");
 	uint64_t sel = pmu_selector(br, EVTSEL_EN), key = pmu_filter_key(br);
 	struct guest_cmd *before, *sel_after, *denied, *allowed;
-	enum probe_status ret = need_counters(c, 1);
+	enum probe_status ret = probe_need_counters(c, 1);
 	int deny_errno, allow_errno;
 	struct vcpu *v;
 	struct vm vm;

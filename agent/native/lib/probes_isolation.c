@@ -17,17 +17,6 @@
 
 static const struct vm_opts default_opts = { .irqchip = true };
 
-/* Counting probes need global control (mediated implies it: Intel v4+, AMD PerfMonV2). */
-static enum probe_status need_counters(struct probe_ctx *c, int gp)
-{
-	if (!c->pmu.has_global)
-		return probe_unsupported(c, "the guest PMU (KVM supported CPUID, version %d) has no "
-					 "global control register", c->pmu.version);
-	if (c->pmu.gp < gp)
-		return probe_unsupported(c, "the guest PMU enumerates %d GP counters (needs %d)",
-					 c->pmu.gp, gp);
-	return PROBE_OK;
-}
 
 static const struct pmu_event *event(struct probe_ctx *c, const char *name)
 {
@@ -70,7 +59,7 @@ enum probe_status probe_guest_count(struct probe_ctx *c)
 	struct vcpu *v;
 	struct vm vm;
 
-	ret = need_counters(c, 2);
+	ret = probe_need_counters(c, 2);
 	if (ret != PROBE_OK)
 		return ret;
 	if (probe_vm(c, &vm, &v, &default_opts)) {
@@ -208,7 +197,7 @@ enum probe_status probe_fresh_state(struct probe_ctx *c)
 	struct vm vm;
 	int gp = p->gp > 8 ? 8 : p->gp;
 
-	ret = need_counters(c, 1);
+	ret = probe_need_counters(c, 1);
 	if (ret != PROBE_OK)
 		return ret;
 
@@ -323,7 +312,7 @@ enum probe_status probe_cross_context(struct probe_ctx *c)
 
 	if (!x)
 		return probe_fail(c, "out of memory");
-	ret = need_counters(c, 1);
+	ret = probe_need_counters(c, 1);
 	if (ret != PROBE_OK)
 		goto out_free;
 	/* Both contexts must share one physical PMU: pin to one CPU (the current one by default). */
