@@ -123,7 +123,8 @@ class _ProgressTail(threading.Thread):
         changed = False
         for line in lines[:-1]:
             if line.strip():
-                self.state.update(json.loads(line))
+                rec = json.loads(line)  # finished tests' rows stay in the file (read back after a timeout)
+                self.state.update({k: rec[k] for k in ("done", "total", "current") if k in rec})
                 changed = True
         if changed:
             self.report(dict(self.state))
@@ -260,7 +261,20 @@ def run_suite_job(host: dict[str, Any], suite: str, run_id: str, attempt: int = 
         job["junit_path"] = str(junit)  # the agent's own copy; the orchestrator renders its reports
     if rc is None:
         job["status"] = "timeout"
-        job["log_tail"] = f"hard timeout after {timeout:g}s; suite killed\n" + job["log_tail"]
+        # pytest was killed before writing its results: keep what the progress stream saw finish.
+        from agent.progress_plugin import read_stream
+
+        finished, hung = read_stream(progress)
+        job["tests"] = job["tests"] or finished
+        if hung:  # outcome "timeout": named in every report, counted as infrastructure, never as a failure
+            from agent.plugin import _names
+
+            classname, test_name = _names(hung)
+            job["tests"].append({"nodeid": hung, "suite": name, "name": test_name, "classname": classname,
+                                 "outcome": "timeout", "duration": None, "erratum": None,
+                                 "message": f"hung: still running when --timeout ({timeout:g}s) killed the suite"})
+        why = f"hard timeout after {timeout:g}s; suite killed" + (f" while running {hung}" if hung else "")
+        job["log_tail"] = why + "\n" + job["log_tail"]
     elif rc in PYTEST_STATUS and (results.exists() or rc == 5):
         job["status"] = PYTEST_STATUS[rc]
     else:
@@ -278,8 +292,11 @@ def run_suite(self: Any, host: dict[str, Any], suite: str, run_id: str, attempt:
     ident = {"host": host.get("name"), "suite": suite, "node": self.request.hostname, "worker_pid": os.getppid(),
              "since": time.time()}
 
+    # The progress thread has no task context (Celery's request stack is thread-local): pass the id.
+    task_id = self.request.id
+
     def report(state: dict[str, Any]) -> None:
-        self.update_state(state="PROGRESS", meta={**ident, **state})
+        self.update_state(task_id=task_id, state="PROGRESS", meta={**ident, **state})
 
     report({"done": 0, "total": None, "current": None})
 

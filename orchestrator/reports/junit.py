@@ -38,6 +38,7 @@ from junit_xml import TestCase, TestSuite
 from .naming import (
     ERROR,
     FAILED,
+    HUNG,
     NO_VERDICT_STATUSES,
     SKIPPED,
     XFAILED,
@@ -164,6 +165,9 @@ def _cases_for_job(job: Mapping[str, Any]) -> tuple[list[TestCase], list[str | N
             # A non-strict XPASS is a pass for JUnit; say which erratum did not show.
             erratum = erratum_of(t)
             case.stdout = f"XPASS: erratum {erratum} did not manifest" if erratum else "XPASS"
+        elif outcome == HUNG:
+            case.add_error_info(first_line(message) or "hung", message or None, HUNG)
+            n["errors"] += 1
         elif outcome != "passed":
             case.add_error_info(f"unknown outcome {outcome!r}", message or None, "unknown_outcome")
             n["errors"] += 1
@@ -174,7 +178,10 @@ def _cases_for_job(job: Mapping[str, Any]) -> tuple[list[TestCase], list[str | N
 
     status = job.get("status")
     has_tests = bool(cases)
-    if status in ("infra_error", "timeout") or (status in NO_VERDICT_STATUSES and not has_tests):
+    hung = any(t.get("outcome") == HUNG for t in job.get("tests") or ())
+    if hung:
+        pass  # the hung test's own <error type="timeout"> already says it
+    elif status in ("infra_error", "timeout") or (status in NO_VERDICT_STATUSES and not has_tests):
         case = TestCase(f"[job] {status}", classname=f"{prefix}job")
         out = xml_clean((job.get("log_tail") or "")[-_TAIL_LIMIT:]) or "(no log output)"
         case.add_error_info(xml_clean(job_cause(job)), out, str(status))

@@ -27,6 +27,9 @@ from typing import Any
 PASSED, FAILED, SKIPPED, XFAILED, XPASSED, ERROR = (
     "passed", "failed", "skipped", "xfailed", "xpassed", "error")
 OUTCOMES = (PASSED, FAILED, SKIPPED, XFAILED, XPASSED, ERROR)
+# The test that was running when --timeout killed its suite (agent/tasks.py): named in every report,
+# counted with the job's timeout as infrastructure, never as a kernel failure.
+HUNG = "timeout"
 INFRA_STATUSES = ("infra_error", "timeout")
 # Job statuses that mean "the suite did not produce a verdict" when no test came back.
 NO_VERDICT_STATUSES = ("infra_error", "timeout", "error")

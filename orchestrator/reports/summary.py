@@ -20,6 +20,7 @@ from typing import Any
 from .naming import (
     ERROR,
     FAILED,
+    HUNG,
     NO_VERDICT_STATUSES,
     PASSED,
     SKIPPED,
@@ -60,6 +61,17 @@ def verdict(jobs: Iterable[Mapping[str, Any]]) -> tuple[str, dict[str, int]]:
     if counts["infra"] or not jobs:
         return "INFRA", dict(counts)
     return "PASS", dict(counts)
+
+
+def _infra_cause(job: Mapping[str, Any]) -> str:
+    """Why a job gave no full verdict; a suite killed by --timeout names the test that hung."""
+    tests = job.get("tests") or ()
+    hung = [t for t in tests if t.get("outcome") == HUNG]
+    if not hung:
+        return job_cause(job)
+    kept = len(tests) - len(hung)
+    return (f"timeout: hung in {parse_test(hung[0]).short} ({first_line(hung[0].get('message'), 140)}); "
+            f"{kept} finished test{'s' if kept != 1 else ''} kept")
 
 
 def _md(text: str) -> str:
@@ -155,7 +167,7 @@ def render_summary(run: Mapping[str, Any], jobs: Iterable[Mapping[str, Any]],
     if infra:
         lines.append(f"## Infra / job errors ({len(infra)} job{'s' if len(infra) != 1 else ''})")
         for j in sorted(infra, key=lambda j: (str(j.get("host")), str(j.get("suite"))))[:MAX_INFRA]:
-            lines.append(f"- {j.get('host')} / {j.get('suite')}: {_md(job_cause(j))}")
+            lines.append(f"- {j.get('host')} / {j.get('suite')}: {_md(_infra_cause(j))}")
         if len(infra) > MAX_INFRA:
             lines.append(f"- … {len(infra) - MAX_INFRA} more: see JUnit `[job]` cases")
         lines.append("")

@@ -1,0 +1,134 @@
+"""The everyday commands end to end (issue 18): live progress, partial results of a hung suite,
+concurrent local runs, the not-tested verdict. Real redis-server, real Celery workers, real pytest."""
+
+from __future__ import annotations
+
+import os
+import queue
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def _one_host(tmp_path: Path, name: str = "solo") -> Path:
+    inv = tmp_path / f"{name}.yaml"
+    inv.write_text(f"- {{name: {name}, address: local}}\n")
+    return inv
+
+
+def _db(farm_env: dict[str, str], sql: str) -> list[tuple]:
+    with sqlite3.connect(Path(farm_env["FARM_STATE_DIR"]) / "pmufarm.sqlite") as db:
+        return db.execute(sql).fetchall()
+
+
+class Lines:
+    """A child's output, line by line, readable with a deadline (no blocking read in the test)."""
+
+    def __init__(self, stream) -> None:
+        self.q: queue.Queue[str | None] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
+
+    def _pump(self, stream) -> None:
+        for line in iter(stream.readline, ""):
+            self.q.put(line)
+        self.q.put(None)
+
+    def wait_for(self, *needles: str, timeout: float = 90) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.q.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if line is None:
+                break
+            self.seen.append(line)
+            if all(n in line for n in needles):
+                return line
+        raise AssertionError(f"no line with {needles} in:\n{''.join(self.seen)}")
+
+    def rest(self) -> str:
+        while (line := self.q.get(timeout=30)) is not None:
+            self.seen.append(line)
+        return "".join(self.seen)
+
+
+def _submit(tmp_path: Path, farm_env: dict[str, str], *args: str, env: dict[str, str] | None = None,
+            **popen: object) -> subprocess.Popen:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("FARM_")} | farm_env | (env or {})
+    return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "--reports-dir", str(tmp_path / "r"),
+                             "submit", *args], cwd=ROOT, env=full, text=True, **popen)
+
+
+def test_progress_in_a_pipe_and_hung_suite_keeps_finished_tests(tmp_path: Path, farm_env: dict[str, str]) -> None:
+    """Plain lines in a pipe show done/total and the running test mid-run; --timeout then kills the hung
+    test: the finished test is kept, the hung one is named (store, JUnit, summary), exit 3 (infra)."""
+    gate = tmp_path / "gate"  # never created: test_waits_for_gate hangs
+    # Long enough for a loaded box to start pytest and finish test_first; the hang itself is certain.
+    proc = _submit(tmp_path, farm_env, "suites/steps", "--inventory", str(_one_host(tmp_path)), "--timeout", "12",
+                   env={"PMUFARM_TEST_GATE": str(gate)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = Lines(proc.stdout)
+    out.wait_for("solo steps: running 1/3", "test_waits_for_gate")
+    assert proc.poll() is None, "progress must be seen while the suite runs"
+    text = out.rest()
+    assert proc.wait(timeout=60) == 3, text
+    assert "ValueError" not in (Path(farm_env["FARM_STATE_DIR"]) / "logs" / "worker-solo.log").read_text()
+    rows = _db(farm_env, "SELECT r.name, r.outcome, r.message FROM results r JOIN jobs j ON j.id=r.job_id "
+                         "WHERE j.suite='steps' ORDER BY r.rowid")
+    assert [r[:2] for r in rows] == [("test_first", "passed"), ("test_waits_for_gate", "timeout")]
+    assert "--timeout (12s)" in rows[1][2]
+    assert _db(farm_env, "SELECT status FROM jobs WHERE suite='steps'") == [("timeout",)]
+    run_id = _db(farm_env, "SELECT id FROM runs")[0][0]
+    junit = "".join(p.read_text() for p in (tmp_path / "r" / run_id / "junit").glob("*.xml"))
+    assert 'name="test_waits_for_gate"' in junit and 'type="timeout"' in junit and 'name="test_first"' in junit
+    summary = (tmp_path / "r" / run_id / "summary.md").read_text()
+    assert "test_waits_for_gate" in summary and "hung" in summary
+    assert "while running suites/steps/test_steps.py::test_waits_for_gate" in text
+
+
+def test_progress_on_a_tty_uses_rich(tmp_path: Path, farm_env: dict[str, str]) -> None:
+    """On a terminal the live table shows the same done/total and test name; the gate opens, all pass."""
+    import pty
+
+    gate = tmp_path / "gate"
+    master, slave = pty.openpty()
+    proc = _submit(tmp_path, farm_env, "suites/steps", "--inventory", str(_one_host(tmp_path)),
+                   env={"PMUFARM_TEST_GATE": str(gate), "COLUMNS": "160", "TERM": "xterm"},
+                   stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    buf = b""
+    deadline = time.monotonic() + 90
+    try:
+        while b"running 1/3" not in buf or b"test_waits_for_gate" not in buf:
+            assert time.monotonic() < deadline and proc.poll() is None, buf.decode(errors="replace")
+            import select
+
+            if select.select([master], [], [], 0.5)[0]:
+                buf += os.read(master, 65536)
+        gate.touch()
+        while proc.poll() is None:
+            assert time.monotonic() < deadline, buf.decode(errors="replace")
+            if select.select([master], [], [], 0.5)[0]:
+                try:
+                    buf += os.read(master, 65536)
+                except OSError:
+                    break
+        proc.wait(timeout=30)
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+    text = buf.decode(errors="replace")
+    assert proc.returncode == 0, text
+    assert "\x1b[" in text, "a TTY gets rich's live display"
+    assert "3 passed" in text
