@@ -11,6 +11,7 @@ import json
 import os
 import re
 import struct
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +109,8 @@ def qualifying_host(decoded: dict[str, Any], perf_capabilities: int | None = 0x3
         sup["version"] = min(pmu["version"], 2)  # KVM's guest-visible clamp (vpmu.md §1.3)
     return {"schema": 1, "simulated": False, "source": "test", "cpu": cpu, "pmu": pmu,
             "kvm": {"present": True, "module": module, "vendor_modules": [module], "enable_pmu": True,
-                    "enable_mediated_pmu": True, "supported_pmu": sup},
+                    "enable_mediated_pmu": True, "ignore_msrs": False, "mediated_vcpu_errno": 0,
+                    "supported_pmu": sup},
             "kernel": {"release": "7.0.0", "cmdline": "", "nmi_watchdog": 0, "perf_event_paranoid": 2}}
 
 
@@ -227,8 +229,14 @@ def test_full_width_writes_from_perf_capabilities():
 def test_intel_verdict_reasons_name_the_fact():
     spr = F.decode_cpuid(CASES["sapphirerapids"][0])
     facts = qualifying_host(spr, perf_capabilities=None)
+    # finding 8: kvm_intel.enable_mediated_pmu=Y proves FW_WRITES (intel_pmu_is_mediated_pmu_supported)
+    assert F.mediated_verdict(facts)["reasons"] == []
+    assert F.flat_facts(facts)["full_width_writes"] is True
+    facts["kvm"]["enable_mediated_pmu"] = False
     assert F.mediated_verdict(facts)["reasons"] == [
+        "kvm_intel.enable_mediated_pmu=N",
         "IA32_PERF_CAPABILITIES (MSR 0x345) unreadable: full-width writes (bit 13) unknown"]
+    assert F.flat_facts(facts)["full_width_writes"] is None
     facts = qualifying_host(spr, perf_capabilities=0x13C5)
     assert F.mediated_verdict(facts)["reasons"] == ["IA32_PERF_CAPABILITIES (MSR 0x345) bit 13 FW_WRITE=0"]
     hsw = F.decode_cpuid(intel(6, 0x3F, 2, version=3, gp=4, gp_width=48, fixed=3, fixed_width=48))
@@ -238,7 +246,7 @@ def test_intel_verdict_reasons_name_the_fact():
 
 def test_kvm_verdict_reasons_name_the_fact():
     z4 = qualifying_host(F.decode_cpuid(CASES["zen4-19h-11h"][0]))
-    assert F.mediated_verdict(z4) == {"status": "available", "reasons": []}
+    assert F.mediated_verdict(z4) == {"status": "available", "reasons": [], "caveats": []}
     z4["kvm"].update(enable_pmu=False, module="kvm_pvm", vendor_modules=["kvm_pvm"], enable_mediated_pmu=None)
     z4["kvm"]["supported_pmu"] = dict(z4["kvm"]["supported_pmu"], perfmon_v2=False)
     assert F.mediated_verdict(z4)["reasons"] == [
@@ -255,6 +263,86 @@ def test_kvm_verdict_reasons_name_the_fact():
         "kvm_intel.enable_mediated_pmu is not exposed (kernel 6.12.0; mediated vPMU needs Linux 7.0+)"]
     spr["kvm"] = {"present": False}
     assert F.mediated_verdict(spr)["reasons"] == ["/dev/kvm missing: KVM not present"]
+
+
+def test_verdict_host_perf_events_block_and_ignore_msrs_is_a_caveat():
+    """Finding 1: the NMI watchdog's perf event (no exclude_guest) makes KVM_CREATE_VCPU fail with EBUSY
+    (x86.c kvm_arch_vcpu_precreate); finding 14: ignore_msrs=Y voids #GP checks but blocks nothing."""
+    z4 = qualifying_host(F.decode_cpuid(CASES["zen4-19h-11h"][0]))
+    z4["kernel"]["nmi_watchdog"] = 1
+    v = F.mediated_verdict(z4)
+    assert v["status"] == "unavailable" and len(v["reasons"]) == 1
+    assert v["reasons"][0].startswith("kernel.nmi_watchdog=1: ") and "EBUSY" in v["reasons"][0]
+    z4["kernel"]["nmi_watchdog"] = 0
+    z4["kvm"]["mediated_vcpu_errno"] = 16
+    assert F.mediated_verdict(z4)["reasons"] == [
+        "KVM_CREATE_VCPU with an in-kernel irqchip failed with EBUSY: a host perf event without "
+        "exclude_guest exists (system-wide perf events or the NMI watchdog)"]
+    z4["kvm"]["mediated_vcpu_errno"] = 12
+    assert F.mediated_verdict(z4)["reasons"] == [
+        "KVM_CREATE_VCPU with an in-kernel irqchip failed: errno 12 (Cannot allocate memory)"]
+    z4["kvm"].update(mediated_vcpu_errno=0, ignore_msrs=True)
+    v = F.mediated_verdict(z4)
+    assert v["status"] == "available" and v["caveats"][0].startswith("kvm.ignore_msrs=Y: ")
+    assert F.flat_facts(z4)["ignore_msrs"] is True
+
+
+def test_verdict_rules_header_is_generated_from_the_table():
+    """The C verdict reads agent/facts/rules.py through a generated header; a stale header fails."""
+    from agent.facts.rules import RULES, c_header
+
+    header = ROOT / "agent" / "native" / "include" / "verdict_rules.h"
+    assert header.read_text() == c_header(), \
+        "stale header: run python -m agent.facts.rules > agent/native/include/verdict_rules.h"
+    assert len({r.id for r in RULES}) == len(RULES) and all(r.source for r in RULES)
+
+
+SYSROOTS = {
+    "as-is": None,
+    "kvm_amd-watchdog-ignore_msrs": {
+        "sys/module/kvm/parameters/enable_pmu": "Y", "sys/module/kvm/parameters/ignore_msrs": "Y",
+        "sys/module/kvm_amd/parameters/enable_mediated_pmu": "Y", "sys/module/kvm_pvm/": "",
+        "proc/sys/kernel/nmi_watchdog": "1"},
+    "kvm_intel-param-off": {
+        "sys/module/kvm/parameters/enable_pmu": "N", "sys/module/kvm_intel/parameters/enable_mediated_pmu": "N",
+        "proc/sys/kernel/nmi_watchdog": "0"},
+    "no-vendor-module": {"sys/module/kvm/parameters/ignore_msrs": "N", "sys/module/kvm_pvm/": ""},
+}
+
+
+@pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="/dev/kvm is not accessible")
+@pytest.mark.parametrize("tree", sorted(SYSROOTS))
+def test_c_and_python_verdicts_agree(tree, tmp_path):
+    """`vpmu caps` and collect_facts() give the same reasons and caveats, in the same order, for this
+    host and for crafted /sys/module + /proc/sys/kernel trees ($PMUFARM_SYSROOT)."""
+    import subprocess
+
+    from agent.drivers.kvm import NATIVE_DIR
+
+    binary = NATIVE_DIR / "build" / "vpmu"
+    proc = subprocess.run(["make", "-C", str(NATIVE_DIR)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and binary.exists(), proc.stderr
+    env = dict(os.environ)
+    env.pop("PMUFARM_SYSROOT", None)
+    if SYSROOTS[tree] is not None:
+        for rel, value in SYSROOTS[tree].items():
+            path = tmp_path / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if rel.endswith("/"):
+                path.mkdir(exist_ok=True)
+            else:
+                path.write_text(value + "\n")
+        env["PMUFARM_SYSROOT"] = str(tmp_path)
+    out = subprocess.run([str(binary), "caps"], capture_output=True, text=True, timeout=60, env=env)
+    c_verdict = json.loads(out.stdout)["mediated_pmu"]
+    py = subprocess.run([sys.executable, "-c", "import json; from agent.facts import collect_facts; "
+                         "print(json.dumps(collect_facts()['mediated_pmu']))"],
+                        capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
+    assert py.returncode == 0, py.stderr
+    assert c_verdict == json.loads(py.stdout)
+    if SYSROOTS[tree] and SYSROOTS[tree].get("proc/sys/kernel/nmi_watchdog") == "1":
+        assert any(r.startswith("kernel.nmi_watchdog=1") for r in c_verdict["reasons"])
+        assert c_verdict["caveats"] and c_verdict["caveats"][0].startswith("kvm.ignore_msrs=Y")
 
 
 def test_amd_legacy_counters_without_cpuid_bits():
@@ -507,7 +595,7 @@ def test_flat_facts_keys():
     flat = F.flat_facts(facts)
     assert list(flat) == ["vendor", "family", "model", "stepping", "uarch", "hybrid", "pmu_version", "gp_counters",
                           "fixed_counters", "perfmon_v2", "full_width_writes", "kvm", "enable_pmu",
-                          "mediated_pmu", "simulated", "kernel", "errata", "symptoms"]
+                          "ignore_msrs", "mediated_pmu", "simulated", "kernel", "errata", "symptoms"]
     assert flat["mediated_pmu"] is True and flat["uarch"] == "sierraforest" and flat["errata"] == ["SRF7"]
     assert flat["symptoms"] == ["insn_overcount_on_vm_transition", "branch_overcount_on_vm_transition"]
 

@@ -152,6 +152,9 @@ def flat_facts(facts: dict[str, Any]) -> dict[str, Any]:
     symptoms: list[str] = []
     for e in errata:
         symptoms += [s for s in e.get("symptoms", []) if s not in symptoms]
+    fw = pmu.get("full_width_writes")
+    if fw is None and cpu.get("vendor") == "intel" and kvm.get("enable_mediated_pmu") is True:
+        fw = True  # finding 8: kvm_intel forces enable_mediated_pmu=N without FW_WRITES
     return {
         "vendor": cpu.get("vendor"),
         "family": cpu.get("family"),
@@ -163,9 +166,10 @@ def flat_facts(facts: dict[str, Any]) -> dict[str, Any]:
         "gp_counters": pmu.get("gp_counters"),
         "fixed_counters": pmu.get("fixed_counters"),
         "perfmon_v2": pmu.get("perfmon_v2"),
-        "full_width_writes": pmu.get("full_width_writes"),
+        "full_width_writes": fw,
         "kvm": kvm.get("present"),
         "enable_pmu": kvm.get("enable_pmu"),
+        "ignore_msrs": kvm.get("ignore_msrs"),
         "mediated_pmu": verdict.get("status") == "available",
         "simulated": bool(facts.get("simulated")),
         "kernel": kernel.get("release"),
@@ -193,6 +197,7 @@ def summarize_facts(facts: dict[str, Any]) -> str:
         f"mediated: {facts['mediated_pmu']['status']}",
     ]
     lines += [f"  - {r}" for r in facts["mediated_pmu"]["reasons"]]
+    lines += [f"  ! {r}" for r in facts["mediated_pmu"].get("caveats") or []]
     lines.append(f"errata:   {', '.join(e['id'] for e in facts['errata']) or 'none'}")
     return "\n".join(lines)
 

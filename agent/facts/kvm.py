@@ -15,14 +15,23 @@ from .cpuid import Leaves
 from .decode import decode_pmu
 from .vendors import VENDORS
 
-SYS_MODULE = Path("/sys/module")
 DEV_KVM = Path("/dev/kvm")
+# Tests point both verdicts (this one and agent/native/lib/caps.c) at a crafted tree of /sys/module
+# and /proc/sys/kernel files; unset on real hosts.
+SYSROOT_ENV = "PMUFARM_SYSROOT"
+
+
+def sysroot_path(path: str) -> Path:
+    """``path`` (absolute, under /sys or /proc) below ``$PMUFARM_SYSROOT`` when that is set."""
+    root = os.environ.get(SYSROOT_ENV)
+    return Path(root + path) if root else Path(path)
 
 # <linux/kvm.h>: KVMIO = 0xAE; KVM_GET_SUPPORTED_CPUID = _IOWR(KVMIO, 0x05, struct kvm_cpuid2)
 # struct kvm_cpuid2 { __u32 nent; __u32 padding; struct kvm_cpuid_entry2 entries[]; }   (8 bytes)
 # struct kvm_cpuid_entry2 { __u32 function, index, flags, eax, ebx, ecx, edx, padding[3]; } (40 bytes)
 _IOC_READ_WRITE = 3
 KVM_GET_API_VERSION = 0xAE00
+KVM_CREATE_VM, KVM_CREATE_VCPU, KVM_CREATE_IRQCHIP = 0xAE01, 0xAE41, 0xAE60   # _IO(KVMIO, nr)
 KVM_GET_SUPPORTED_CPUID = (_IOC_READ_WRITE << 30) | (8 << 16) | (0xAE << 8) | 0x05
 _ENTRY = struct.Struct("<7I12x")
 _E2BIG = 7
@@ -60,7 +69,7 @@ def read_bool_param(path: str | Path) -> bool | None:
 def kvm_vendor_modules() -> list[str]:
     """Loaded KVM vendor modules (``kvm_intel``, ``kvm_amd``, ``kvm_pvm``...), sorted."""
     try:
-        return sorted(p.name for p in SYS_MODULE.glob("kvm_*") if p.is_dir())
+        return sorted(p.name for p in sysroot_path("/sys/module").glob("kvm_*") if p.is_dir())
     except OSError:
         return []
 
@@ -137,21 +146,51 @@ def read_msr(msr: int, cpu: int = 0) -> int | None:
         os.close(fd)
 
 
+def mediated_vcpu_errno(dev: str | Path = DEV_KVM) -> int | None:
+    """Create a VM with an in-kernel irqchip and one vCPU, as every probe does: 0, or the errno of
+    KVM_CREATE_VCPU (EBUSY while a host perf event without exclude_guest exists: x86.c
+    kvm_arch_vcpu_precreate() -> perf_create_mediated_pmu()). ``None`` when the VM or irqchip
+    cannot even be made (then /dev/kvm's own facts say why)."""
+    try:
+        kvm = os.open(dev, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return None
+    vm = vcpu = -1
+    try:
+        vm = fcntl.ioctl(kvm, KVM_CREATE_VM, 0)
+        fcntl.ioctl(vm, KVM_CREATE_IRQCHIP, 0)
+    except OSError:
+        return None
+    else:
+        try:
+            vcpu = fcntl.ioctl(vm, KVM_CREATE_VCPU, 0)
+        except OSError as exc:
+            return exc.errno
+        return 0
+    finally:
+        for fd in (vcpu, vm, kvm):
+            if fd >= 0:
+                os.close(fd)
+
+
 def kvm_state(vendor: str, kvm_device: str | Path = DEV_KVM) -> dict[str, Any]:
     """The ``kvm`` part of the facts.
 
     ``module`` is the vendor module for this CPU when loaded, else the first other loaded KVM
     vendor module (e.g. ``kvm_pvm``), else ``None``; ``vendor_modules`` lists them all.
     ``enable_mediated_pmu`` is that module's parameter, ``None`` when it does not expose one
-    (no such module, or a kernel older than Linux 7.0).
+    (no such module, or a kernel older than Linux 7.0). ``ignore_msrs`` is kvm's parameter.
+    ``mediated_vcpu_errno``: a trial vCPU's creation (see mediated_vcpu_errno()), made only when
+    the parameter reads Y, since only then can perf refuse it; ``None`` otherwise.
     """
     modules = kvm_vendor_modules()
     v = VENDORS.get(vendor)
     want = v.kvm_module if v else None
     module = want if want in modules else (modules[0] if modules else None)
     present = Path(kvm_device).exists()
-    enable_pmu = read_bool_param(SYS_MODULE / "kvm/parameters/enable_pmu")
-    mediated = read_bool_param(SYS_MODULE / module / "parameters/enable_mediated_pmu") if module else None
+    enable_pmu = read_bool_param(sysroot_path("/sys/module/kvm/parameters/enable_pmu"))
+    mediated = read_bool_param(sysroot_path(f"/sys/module/{module}/parameters/enable_mediated_pmu")) \
+        if module else None
     leaves = kvm_supported_cpuid(kvm_device) if present else None
     return {
         "present": present,
@@ -159,6 +198,8 @@ def kvm_state(vendor: str, kvm_device: str | Path = DEV_KVM) -> dict[str, Any]:
         "vendor_modules": modules,
         "enable_pmu": enable_pmu,
         "enable_mediated_pmu": mediated,
+        "ignore_msrs": read_bool_param(sysroot_path("/sys/module/kvm/parameters/ignore_msrs")),
+        "mediated_vcpu_errno": mediated_vcpu_errno(kvm_device) if present and mediated else None,
         "supported_pmu": supported_pmu(leaves, vendor, enable_pmu),
     }
 
@@ -166,15 +207,16 @@ def kvm_state(vendor: str, kvm_device: str | Path = DEV_KVM) -> dict[str, Any]:
 def unknown_kvm_state() -> dict[str, Any]:
     """``kvm`` part when the facts do not come from a live host (CPUID dump)."""
     return {"present": None, "module": None, "vendor_modules": None, "enable_pmu": None,
-            "enable_mediated_pmu": None, "supported_pmu": None}
+            "enable_mediated_pmu": None, "ignore_msrs": None, "mediated_vcpu_errno": None,
+            "supported_pmu": None}
 
 
 def kernel_state() -> dict[str, Any]:
     return {
         "release": os.uname().release,
         "cmdline": read_text("/proc/cmdline"),
-        "nmi_watchdog": read_int("/proc/sys/kernel/nmi_watchdog"),
-        "perf_event_paranoid": read_int("/proc/sys/kernel/perf_event_paranoid"),
+        "nmi_watchdog": read_int(sysroot_path("/proc/sys/kernel/nmi_watchdog")),
+        "perf_event_paranoid": read_int(sysroot_path("/proc/sys/kernel/perf_event_paranoid")),
     }
 
 

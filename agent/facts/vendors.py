@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .cpuid import bit
+from .rules import text as rule_text
 
 if TYPE_CHECKING:
     from .decode import _Cpuid
 
 # Callable field types of the table (see the Vendor fields below).
 PmuDecoder = Callable[["_Cpuid", dict[str, Any], "int | None"], None]
-CpuRules = Callable[[dict[str, Any], dict[str, Any], bool], list[str]]
+CpuRules = Callable[[dict[str, Any], dict[str, Any], bool, bool], list[str]]
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,8 @@ class Vendor:
     # Fills the vendor part of a ``pmu`` dict from CPUID (decode.decode_pmu() has done the common
     # bits: pdcm, perfctr_core, perfmon_v2); the int is decode_pmu()'s ``amd_legacy_counters``.
     decode_pmu: PmuDecoder
-    # Mediated-vPMU reasons from the ``cpu`` and ``pmu`` facts (bool: facts come from a CPUID dump).
+    # Mediated-vPMU reasons from the ``cpu`` and ``pmu`` facts (bools: facts come from a CPUID dump;
+    # the vendor module's enable_mediated_pmu reads Y). Texts: agent/facts/rules.py.
     mediated_cpu_rules: CpuRules
     # (``pmu`` key, reason): KVM's supported CPUID must have that key truthy for mediated vPMU.
     kvm_supported_rule: tuple[str, str]
@@ -84,27 +86,26 @@ def _intel_decode_pmu(c: _Cpuid, pmu: dict[str, Any], amd_legacy_counters: int |
     pmu["amd_core_counters"] = 0
 
 
-def _intel_mediated_cpu_rules(cpu: dict[str, Any], pmu: dict[str, Any], from_dump: bool) -> list[str]:
+def _intel_mediated_cpu_rules(cpu: dict[str, Any], pmu: dict[str, Any], from_dump: bool,
+                              kvm_checked: bool = False) -> list[str]:
+    """``kvm_checked``: <vendor>.enable_mediated_pmu reads Y, so KVM has already verified
+    FW_WRITES itself (finding 8): an unreadable PERF_CAPABILITIES is no reason then."""
     reasons = []
     version = pmu.get("version")
     if version is None:
-        reasons.append("CPUID 0x0A EAX[7:0] PMU version unknown")
+        reasons.append(rule_text("intel_version_unknown"))
     elif version < MIN_INTEL_VERSION:
-        reasons.append(f"CPUID 0x0A EAX[7:0] PMU version={version} < {MIN_INTEL_VERSION}")
+        reasons.append(rule_text("intel_version_low", version))
     fw = pmu.get("full_width_writes")
-    if fw is None:
-        how = "not in a CPUID dump" if from_dump else "unreadable"
-        reasons.append(f"IA32_PERF_CAPABILITIES (MSR 0x345) {how}: full-width writes (bit 13) unknown")
-    elif not fw:
-        if pmu.get("pdcm") is False:
-            reasons.append("CPUID 0x1 ECX[15] PDCM=0: no IA32_PERF_CAPABILITIES, so no full-width writes")
-        else:
-            reasons.append("IA32_PERF_CAPABILITIES (MSR 0x345) bit 13 FW_WRITE=0")
+    if fw is None and not kvm_checked:
+        reasons.append(rule_text("intel_fw_unknown", "not in a CPUID dump" if from_dump else "unreadable"))
+    elif fw is False:
+        reasons.append(rule_text("intel_no_pdcm" if pmu.get("pdcm") is False else "intel_fw_clear"))
     hybrid = cpu.get("hybrid")
     if hybrid is None:
-        reasons.append("CPUID 0x7 EDX[15] hybrid unknown")
+        reasons.append(rule_text("intel_hybrid_unknown"))
     elif hybrid:
-        reasons.append("CPUID 0x7 EDX[15] hybrid=1: KVM disables the vPMU on hybrid CPUs")
+        reasons.append(rule_text("intel_hybrid"))
     return reasons
 
 
@@ -138,7 +139,7 @@ INTEL = Vendor(
     ),
     decode_pmu=_intel_decode_pmu,
     mediated_cpu_rules=_intel_mediated_cpu_rules,
-    kvm_supported_rule=("version", "KVM's supported CPUID 0x0A enumerates no PMU (version 0)"),
+    kvm_supported_rule=("version", rule_text("intel_kvm_no_pmu")),
     hybrid_cpuid_bit=(0x7, 3, 15),  # CPUID.7.0:EDX[15]
     has_perf_capabilities=True,
     zero_without_kvm_pmu=("arch_events_mask",),
@@ -180,12 +181,13 @@ def _amd_decode_pmu(c: _Cpuid, pmu: dict[str, Any], amd_legacy_counters: int | N
         )
 
 
-def _amd_mediated_cpu_rules(cpu: dict[str, Any], pmu: dict[str, Any], from_dump: bool) -> list[str]:
+def _amd_mediated_cpu_rules(cpu: dict[str, Any], pmu: dict[str, Any], from_dump: bool,
+                            kvm_checked: bool = False) -> list[str]:
     v2 = pmu.get("perfmon_v2")
     if v2 is None:
-        return ["CPUID 0x80000022 EAX[0] PerfMonV2 unknown"]
+        return [rule_text("amd_v2_unknown")]
     if not v2:
-        return ["CPUID 0x80000022 EAX[0] PerfMonV2=0"]
+        return [rule_text("amd_no_v2")]
     return []
 
 
@@ -201,7 +203,7 @@ AMD = Vendor(
     ),
     decode_pmu=_amd_decode_pmu,
     mediated_cpu_rules=_amd_mediated_cpu_rules,
-    kvm_supported_rule=("perfmon_v2", "KVM's supported CPUID 0x80000022 has no PerfMonV2"),
+    kvm_supported_rule=("perfmon_v2", rule_text("amd_kvm_no_v2")),
     perf_probes_legacy_counters=True,
     zero_without_kvm_pmu=("amd_core_counters",),
 )

@@ -1,70 +1,88 @@
-"""Can this host run KVM's mediated vPMU? The kernel's rules (shared/reference/vpmu.md §1.3):
+"""Can this host run KVM's mediated vPMU, and which checks can it trust? (vpmu.md §1.2, §1.3, §2)
 
-* generic (kvm_init_pmu_capability): ``kvm.enable_pmu=Y`` and the vendor module parameter
-  ``enable_mediated_pmu=Y`` (kvm_intel / kvm_amd, Linux 7.0+, default N);
-* Intel: architectural PMU version >= 4 (PERF_GLOBAL_STATUS_SET) and IA32_PERF_CAPABILITIES
-  full-width writes (bit 13), and not a hybrid CPU (KVM disables the vPMU there);
-* AMD: PerfMonV2 (CPUID 0x80000022 EAX[0]).
+The rules, their texts, their order and their upstream sources are one table,
+``agent/facts/rules.py``, which the C harness's verdict (agent/native/lib/caps.c) reads too,
+through a header generated from it. In table order:
 
-The vendor rules live in the vendor table (agent/facts/vendors.py: ``mediated_cpu_rules``,
-``kvm_supported_rule``). Every reason names the missing fact so that skips can quote it.
+* live KVM state: ``/dev/kvm``, ``kvm.enable_pmu=Y``, the vendor module (kvm_intel / kvm_amd)
+  exposing ``enable_mediated_pmu=Y`` (Linux 7.0+, default N);
+* the CPU (vendor table, agent/facts/vendors.py): Intel PMU v4+, PERF_CAPABILITIES full-width
+  writes (only asked while the parameter is not Y: with Y KVM has checked it, finding 8), not
+  hybrid; AMD PerfMonV2;
+* KVM's supported CPUID enumerates a PMU;
+* no host perf event without ``exclude_guest`` (finding 1): ``kernel.nmi_watchdog`` must be 0,
+  and a trial KVM_CREATE_VCPU with an in-kernel irqchip (facts ``kvm.mediated_vcpu_errno``, made
+  only when the parameter is Y) must not fail with EBUSY, which also catches other system-wide
+  events;
+* caveats, which do not block: ``kvm.ignore_msrs=Y`` voids every expected-#GP check (finding 14).
+
+Every text names the missing fact so that skips can quote it.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 from typing import Any
 
+from .rules import text
 from .vendors import VENDORS
 
 
-def _cpu_reasons(cpu: dict[str, Any], pmu: dict[str, Any], from_dump: bool) -> list[str]:
-    v = VENDORS.get(cpu.get("vendor"))
-    if v is None:
-        return [f"CPU vendor {cpu.get('vendor_id')!r} is neither GenuineIntel nor AuthenticAMD"]
-    return v.mediated_cpu_rules(cpu, pmu, from_dump)
-
-
-def _kvm_reasons(vendor: str | None, kvm: dict[str, Any], kernel: dict[str, Any]) -> list[str]:
-    present = kvm.get("present")
-    if present is None:
-        return ["KVM state unknown (facts not probed on a live host)"]
-    if not present:
-        return ["/dev/kvm missing: KVM not present"]
-    v = VENDORS.get(vendor)
-    reasons = []
-    enable_pmu = kvm.get("enable_pmu")
-    if enable_pmu is None:
-        reasons.append("kvm.enable_pmu unknown (/sys/module/kvm/parameters/enable_pmu unreadable)")
-    elif not enable_pmu:
-        reasons.append("kvm.enable_pmu=N")
-
-    want = v.kvm_module if v else None
-    loaded = kvm.get("vendor_modules")
-    if loaded is None:
-        loaded = [kvm["module"]] if kvm.get("module") else []
-    if want is not None:
-        if want not in loaded:
-            reasons.append(f"no {want} module: enable_mediated_pmu is not exposed "
-                           f"(loaded vendor modules: {', '.join(loaded) or 'none'})")
-        elif kvm.get("enable_mediated_pmu") is None:
-            release = kernel.get("release") or "unknown"
-            reasons.append(f"{want}.enable_mediated_pmu is not exposed (kernel {release}; "
-                           "mediated vPMU needs Linux 7.0+)")
-        elif not kvm["enable_mediated_pmu"]:
-            reasons.append(f"{want}.enable_mediated_pmu=N")
-
-    sup = kvm.get("supported_pmu")
-    if sup is not None and v is not None:
-        key, reason = v.kvm_supported_rule
-        if not sup.get(key):
-            reasons.append(reason)
-    return reasons
-
-
 def mediated_verdict(facts: dict[str, Any]) -> dict[str, Any]:
-    """``{"status": "available"|"unavailable", "reasons": [...]}`` for these facts."""
+    """``{"status": "available"|"unavailable", "reasons": [...], "caveats": [...]}``.
+
+    ``reasons`` block the mediated vPMU; ``caveats`` name checks this host cannot make.
+    """
     cpu = facts.get("cpu") or {}
+    pmu = facts.get("pmu") or {}
+    kvm = facts.get("kvm") or {}
+    kernel = facts.get("kernel") or {}
     from_dump = str(facts.get("source") or "").startswith("dump:")
-    reasons = _cpu_reasons(cpu, facts.get("pmu") or {}, from_dump)
-    reasons += _kvm_reasons(cpu.get("vendor"), facts.get("kvm") or {}, facts.get("kernel") or {})
-    return {"status": "unavailable" if reasons else "available", "reasons": reasons}
+    v = VENDORS.get(cpu.get("vendor"))
+    present = kvm.get("present")
+    reasons: list[str] = []
+
+    if present is None:
+        reasons.append(text("kvm_unknown"))
+    elif not present:
+        reasons.append(text("no_dev_kvm"))
+    if v is None:
+        reasons.append(text("unknown_vendor", cpu.get("vendor_id")))
+        return {"status": "unavailable", "reasons": reasons, "caveats": []}
+
+    live = bool(present)
+    if live:
+        enable_pmu = kvm.get("enable_pmu")
+        if enable_pmu is None:
+            reasons.append(text("enable_pmu_unknown"))
+        elif not enable_pmu:
+            reasons.append(text("enable_pmu_off"))
+        loaded = kvm.get("vendor_modules")
+        if loaded is None:
+            loaded = [kvm["module"]] if kvm.get("module") else []
+        if v.kvm_module not in loaded:
+            reasons.append(text("no_vendor_module", v.kvm_module, ", ".join(loaded) or "none"))
+        elif kvm.get("enable_mediated_pmu") is None:
+            reasons.append(text("mediated_param_absent", v.kvm_module, kernel.get("release") or "unknown"))
+        elif not kvm["enable_mediated_pmu"]:
+            reasons.append(text("mediated_param_off", v.kvm_module))
+
+    reasons += v.mediated_cpu_rules(cpu, pmu, from_dump, live and kvm.get("enable_mediated_pmu") is True)
+
+    if live:
+        sup = kvm.get("supported_pmu")
+        key, reason = v.kvm_supported_rule
+        if sup is not None and not sup.get(key):
+            reasons.append(reason)
+        watchdog = kernel.get("nmi_watchdog")
+        if watchdog:
+            reasons.append(text("nmi_watchdog", watchdog))
+        err = kvm.get("mediated_vcpu_errno")
+        if err == errno.EBUSY:
+            reasons.append(text("vcpu_busy"))
+        elif err:
+            reasons.append(text("vcpu_failed", err, os.strerror(err)))
+
+    caveats = [text("ignore_msrs")] if live and kvm.get("ignore_msrs") else []
+    return {"status": "unavailable" if reasons else "available", "reasons": reasons, "caveats": caveats}

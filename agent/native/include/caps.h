@@ -2,7 +2,9 @@
 /*
  * Host facts the harness needs before touching the PMU: CPU vendor and PMU enumeration (host
  * CPUID and KVM_GET_SUPPORTED_CPUID), KVM module parameters, KVM capabilities, and the mediated
- * vPMU verdict with one reason per missing fact (vpmu.md §1.3).
+ * vPMU verdict with one reason per missing fact (vpmu.md §1.3). The verdict's rules, texts and
+ * order are agent/facts/rules.py's (via the generated verdict_rules.h), the same as the Python
+ * verdict's; $PMUFARM_SYSROOT prefixes the /sys and /proc files read (tests only).
  */
 #ifndef PMUFARM_CAPS_H
 #define PMUFARM_CAPS_H
@@ -32,7 +34,11 @@ struct host_caps {
 	int enable_pmu;                     /* kvm.enable_pmu: 1/0, -1 unknown */
 	int enable_mediated_pmu;            /* <vendor module>.enable_mediated_pmu: 1/0, -1 absent */
 	bool vendor_module_loaded;          /* /sys/module/kvm_intel or kvm_amd exists */
-	char kvm_modules[160];              /* loaded kvm* modules, comma-separated */
+	char kvm_modules[160];              /* loaded kvm_* modules, sorted, ", "-separated */
+	char release[65];                   /* uname -r */
+	int nmi_watchdog;                   /* /proc/sys/kernel/nmi_watchdog, -1 unknown */
+	int ignore_msrs;                    /* kvm.ignore_msrs: 1/0, -1 unknown */
+	int vcpu_errno;                     /* trial KVM_CREATE_VCPU with irqchip: errno, 0 ok, -1 not tried */
 	int cap_pmu_capability;             /* KVM_CHECK_EXTENSION values, -1 if not asked */
 	int cap_pmu_event_filter;
 	int cap_irqchip;
@@ -40,6 +46,8 @@ struct host_caps {
 
 	int nreasons;                       /* mediated vPMU is usable iff nreasons == 0 */
 	char reasons[CAPS_MAX_REASONS][CAPS_REASON_LEN];
+	int ncaveats;                       /* checks this host cannot make (kvm.ignore_msrs=Y) */
+	char caveats[CAPS_MAX_REASONS][CAPS_REASON_LEN];
 };
 
 /* Never fails: unknown facts stay unknown and become reasons. */

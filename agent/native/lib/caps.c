@@ -8,30 +8,61 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/utsname.h>
 #include <unistd.h>
 
 #include "caps.h"
+#include "verdict_rules.h"
 #include "vm.h"
 
-__attribute__((format(printf, 2, 3)))
-static void reason(struct host_caps *c, const char *fmt, ...)
+/* One rule of agent/facts/rules.py fired: VR_<ID> is its template, VR_<ID>_BLOCKS its kind. */
+#define RULE(c, id, ...) rule_add((c), id##_BLOCKS, id, ##__VA_ARGS__)
+
+__attribute__((format(printf, 3, 4)))
+static void rule_add(struct host_caps *c, int blocks, const char *fmt, ...)
 {
+	int *n = blocks ? &c->nreasons : &c->ncaveats;
+	char (*list)[CAPS_REASON_LEN] = blocks ? c->reasons : c->caveats;
 	va_list ap;
 
-	if (c->nreasons >= CAPS_MAX_REASONS)
+	if (*n >= CAPS_MAX_REASONS)
 		return;
 	va_start(ap, fmt);
-	vsnprintf(c->reasons[c->nreasons++], CAPS_REASON_LEN, fmt, ap);
+	vsnprintf(list[(*n)++], CAPS_REASON_LEN, fmt, ap);
 	va_end(ap);
+}
+
+/* A /sys or /proc path, below $PMUFARM_SYSROOT when set (tests craft such trees). */
+static void sys_path(char *out, size_t len, const char *fmt, ...)
+{
+	const char *root = getenv("PMUFARM_SYSROOT");
+	size_t used = (size_t)snprintf(out, len, "%s", root ? root : "");
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(out + (used < len ? used : len), used < len ? len - used : 0, fmt, ap);
+	va_end(ap);
+}
+
+static int read_int_file(const char *path, int *out)
+{
+	FILE *f = fopen(path, "re");
+	int ok;
+
+	if (!f)
+		return -1;
+	ok = fscanf(f, "%d", out) == 1;
+	fclose(f);
+	return ok ? 0 : -1;
 }
 
 /* A module parameter: 1 for Y/1, 0 for N/0, -1 if absent or unreadable. */
 static int read_bool_param(const char *module, const char *param)
 {
-	char path[256], buf[16] = "";
+	char path[512], buf[16] = "";
 	FILE *f;
 
-	snprintf(path, sizeof(path), "/sys/module/%s/parameters/%s", module, param);
+	sys_path(path, sizeof(path), "/sys/module/%s/parameters/%s", module, param);
 	f = fopen(path, "re");
 	if (!f)
 		return -1;
@@ -47,31 +78,60 @@ static int read_bool_param(const char *module, const char *param)
 
 static bool module_loaded(const char *module)
 {
-	char path[256];
+	char path[512];
 
-	snprintf(path, sizeof(path), "/sys/module/%s", module);
+	sys_path(path, sizeof(path), "/sys/module/%s", module);
 	return access(path, F_OK) == 0;
 }
 
-/* "kvm, kvm_pvm": every loaded module whose name starts with kvm. */
+static int cmp_str(const void *a, const void *b)
+{
+	return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* "kvm_amd, kvm_pvm": the loaded KVM vendor modules (kvm_*), sorted like the Python facts. */
 static void list_kvm_modules(char *out, size_t len)
 {
-	DIR *d = opendir("/sys/module");
+	char path[512], *names[32];
 	struct dirent *e;
 	size_t used = 0;
+	int n = 0;
+	DIR *d;
 
 	out[0] = '\0';
+	sys_path(path, sizeof(path), "/sys/module");
+	d = opendir(path);
 	if (!d)
 		return;
-	while ((e = readdir(d))) {
-		if (strncmp(e->d_name, "kvm", 3) || (e->d_name[3] && e->d_name[3] != '_'))
-			continue;
-		used += (size_t)snprintf(out + used, used < len ? len - used : 0, "%s%s",
-					 used ? ", " : "", e->d_name);
-		if (used >= len)
-			break;
-	}
+	while ((e = readdir(d)) && n < 32)
+		if (!strncmp(e->d_name, "kvm_", 4))
+			names[n++] = strdup(e->d_name);
 	closedir(d);
+	qsort(names, (size_t)n, sizeof(names[0]), cmp_str);
+	for (int i = 0; i < n; i++) {
+		if (names[i] && used < len)
+			used += (size_t)snprintf(out + used, len - used, "%s%s", used ? ", " : "", names[i]);
+		free(names[i]);
+	}
+}
+
+/* A VM with an in-kernel irqchip and one vCPU, as every probe makes: 0 or KVM_CREATE_VCPU's errno
+ * (EBUSY while a host perf event without exclude_guest exists: x86.c kvm_arch_vcpu_precreate()
+ * -> perf_create_mediated_pmu()); -1 when the VM or irqchip cannot be made. */
+static int trial_vcpu_errno(int kvm_fd)
+{
+	int vm = ioctl(kvm_fd, KVM_CREATE_VM, 0), vcpu, ret = -1;
+
+	if (vm < 0)
+		return -1;
+	if (ioctl(vm, KVM_CREATE_IRQCHIP, 0) == 0) {
+		vcpu = ioctl(vm, KVM_CREATE_VCPU, 0);
+		ret = vcpu < 0 ? errno : 0;
+		if (vcpu >= 0)
+			close(vcpu);
+	}
+	close(vm);
+	return ret;
 }
 
 static int64_t read_perf_capabilities(void)
@@ -105,55 +165,79 @@ static void get_kvm_supported_cpuid(struct host_caps *c, int kvm_fd)
 	}
 }
 
+/* agent/facts/rules.py, in table order (agent/facts/verdict.py evaluates the same). */
 static void verdict(struct host_caps *c)
 {
 	const struct pmu_layout *l = c->layout;
 	const struct pmu_info *h = &c->host_pmu, *k = &c->kvm_pmu;
+	bool mediated_y = c->vendor_module_loaded && c->enable_mediated_pmu == 1;
 
 	if (!c->dev_kvm)
-		reason(c, "/dev/kvm: %s", strerror(c->dev_kvm_errno));
-	if (c->enable_pmu == 0)
-		reason(c, "kvm.enable_pmu=N");
-	else if (c->enable_pmu < 0)
-		reason(c, "kvm.enable_pmu unknown (/sys/module/kvm/parameters/enable_pmu unreadable)");
+		RULE(c, VR_NO_DEV_KVM);
 	if (!l) {
-		reason(c, "CPU vendor '%s' is neither GenuineIntel nor AuthenticAMD", c->vendor_id);
+		RULE(c, VR_UNKNOWN_VENDOR, c->vendor_id);
 		return;
 	}
-	if (!c->vendor_module_loaded)
-		reason(c, "no %s module, so %s.enable_mediated_pmu is absent (KVM modules here: %s)",
-		       l->kvm_module, l->kvm_module, c->kvm_modules[0] ? c->kvm_modules : "none");
-	else if (c->enable_mediated_pmu < 0)
-		reason(c, "%s.enable_mediated_pmu is absent (mediated vPMU needs Linux 7.0+)",
-		       l->kvm_module);
-	else if (c->enable_mediated_pmu == 0)
-		reason(c, "%s.enable_mediated_pmu=N", l->kvm_module);
+	if (c->dev_kvm) {
+		if (c->enable_pmu < 0)
+			RULE(c, VR_ENABLE_PMU_UNKNOWN);
+		else if (c->enable_pmu == 0)
+			RULE(c, VR_ENABLE_PMU_OFF);
+		if (!c->vendor_module_loaded)
+			RULE(c, VR_NO_VENDOR_MODULE, l->kvm_module, c->kvm_modules[0] ? c->kvm_modules : "none");
+		else if (c->enable_mediated_pmu < 0)
+			RULE(c, VR_MEDIATED_PARAM_ABSENT, l->kvm_module, c->release);
+		else if (c->enable_mediated_pmu == 0)
+			RULE(c, VR_MEDIATED_PARAM_OFF, l->kvm_module);
+	}
 
 	if (l == &intel_layout) {
 		if (h->version < 4)
-			reason(c, "host CPUID 0xA reports arch PMU version %d (mediated needs >= 4)",
-			       h->version);
+			RULE(c, VR_INTEL_VERSION_LOW, h->version);
+		/* Finding 8: with enable_mediated_pmu=Y KVM has checked FW_WRITES itself. */
 		if (!h->pdcm)
-			reason(c, "host CPUID 0x1 has no PDCM, so no IA32_PERF_CAPABILITIES full-width writes");
+			RULE(c, VR_INTEL_NO_PDCM);
+		else if (c->perf_capabilities < 0 && !(c->dev_kvm && mediated_y))
+			RULE(c, VR_INTEL_FW_UNKNOWN, "unreadable");
 		else if (c->perf_capabilities >= 0 && !(c->perf_capabilities & PERF_CAP_FW_WRITES))
-			reason(c, "IA32_PERF_CAPABILITIES bit 13 (full-width writes) is clear");
+			RULE(c, VR_INTEL_FW_CLEAR);
 		if (h->hybrid)
-			reason(c, "hybrid CPU (CPUID 0x7 EDX[15]): KVM disables the vPMU");
-	} else {
-		if (!h->perfmon_v2)
-			reason(c, "host CPUID 0x80000022 reports no PerfMonV2");
+			RULE(c, VR_INTEL_HYBRID);
+	} else if (!h->perfmon_v2) {
+		RULE(c, VR_AMD_NO_V2);
 	}
-	if (c->dev_kvm && k->gp == 0)
-		reason(c, "KVM supported CPUID enumerates 0 GP counters");
+
+	if (!c->dev_kvm)
+		return;
+	if (l == &intel_layout && k->version == 0)
+		RULE(c, VR_INTEL_KVM_NO_PMU);
+	else if (l != &intel_layout && !k->perfmon_v2)
+		RULE(c, VR_AMD_KVM_NO_V2);
+	if (c->nmi_watchdog > 0)
+		RULE(c, VR_NMI_WATCHDOG, c->nmi_watchdog);
+	if (c->vcpu_errno == EBUSY)
+		RULE(c, VR_VCPU_BUSY);
+	else if (c->vcpu_errno > 0)
+		RULE(c, VR_VCPU_FAILED, c->vcpu_errno, strerror(c->vcpu_errno));
+	if (c->ignore_msrs == 1)
+		RULE(c, VR_IGNORE_MSRS);
 }
 
 void caps_collect(struct host_caps *c)
 {
 	uint32_t r[4] = { 0 };
+	struct utsname u;
+	char path[512];
 	int kvm_fd;
 
 	memset(c, 0, sizeof(*c));
 	c->perf_capabilities = -1;
+	c->vcpu_errno = -1;
+	snprintf(c->release, sizeof(c->release), "%s", uname(&u) == 0 ? u.release : "unknown");
+	sys_path(path, sizeof(path), "/proc/sys/kernel/nmi_watchdog");
+	if (read_int_file(path, &c->nmi_watchdog))
+		c->nmi_watchdog = -1;
+	c->ignore_msrs = read_bool_param("kvm", "ignore_msrs");
 	c->cap_pmu_capability = c->cap_pmu_event_filter = c->cap_irqchip = -1;
 
 	cpuid_vendor(&host_cpuid_view, c->vendor_id);
@@ -190,6 +274,8 @@ void caps_collect(struct host_caps *c)
 		c->cap_pmu_event_filter = ioctl(kvm_fd, KVM_CHECK_EXTENSION, KVM_CAP_PMU_EVENT_FILTER);
 		c->cap_irqchip = ioctl(kvm_fd, KVM_CHECK_EXTENSION, KVM_CAP_IRQCHIP);
 		get_kvm_supported_cpuid(c, kvm_fd);
+		if (c->vendor_module_loaded && c->enable_mediated_pmu == 1)
+			c->vcpu_errno = trial_vcpu_errno(kvm_fd);
 		close(kvm_fd);
 		if (c->kvm_cpuid && c->layout) {
 			struct cpuid_view kv = kvm_cpuid_view(c->kvm_cpuid);
@@ -289,6 +375,10 @@ void caps_json(struct host_caps *c, struct json *j)
 	json_bool(j, "hypervisor", c->hypervisor);
 	pmu_info_json(c->layout, &c->host_pmu, j, "host_pmu");
 	json_opt_i64(j, "perf_capabilities", c->perf_capabilities);
+	json_obj_begin(j, "kernel");
+	json_str(j, "release", c->release);
+	json_opt_i64(j, "nmi_watchdog", c->nmi_watchdog);
+	json_obj_end(j);
 	json_obj_begin(j, "kvm");
 	json_bool(j, "dev_kvm", c->dev_kvm);
 	if (c->dev_kvm)
@@ -300,6 +390,8 @@ void caps_json(struct host_caps *c, struct json *j)
 	json_bool(j, "vendor_module_loaded", c->vendor_module_loaded);
 	json_tristate(j, "enable_pmu", c->enable_pmu);
 	json_tristate(j, "enable_mediated_pmu", c->enable_mediated_pmu);
+	json_tristate(j, "ignore_msrs", c->ignore_msrs);
+	json_opt_i64(j, "mediated_vcpu_errno", c->vcpu_errno);
 	json_opt_i64(j, "cap_pmu_capability", c->cap_pmu_capability);
 	json_opt_i64(j, "cap_pmu_event_filter", c->cap_pmu_event_filter);
 	json_opt_i64(j, "cap_irqchip", c->cap_irqchip);
@@ -310,6 +402,10 @@ void caps_json(struct host_caps *c, struct json *j)
 	json_arr_begin(j, "reasons");
 	for (int i = 0; i < c->nreasons; i++)
 		json_str(j, NULL, c->reasons[i]);
+	json_arr_end(j);
+	json_arr_begin(j, "caveats");
+	for (int i = 0; i < c->ncaveats; i++)
+		json_str(j, NULL, c->caveats[i]);
 	json_arr_end(j);
 	json_obj_end(j);
 	if (c->dev_kvm)
