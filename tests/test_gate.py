@@ -89,6 +89,23 @@ class Kernel:
         mbox.write_text("".join(p.read_text() for p in sorted(outdir.glob("*.patch"))))
         return mbox
 
+    def branch(self, name: str, commits: list[tuple[str, dict[str, str]]]) -> str:
+        """Commit ``commits`` on branch ``name`` from base (the developer's branch before sending)."""
+        if git(self.repo, "branch", "--list", name):
+            return name
+        git(self.repo, "checkout", "-q", "-b", name, "base")
+        for msg, files in commits:
+            self.write(files)
+            git(self.repo, "add", ".")
+            git(self.repo, "commit", "-q", "-m", msg)
+        git(self.repo, "checkout", "-q", "master")
+        return name
+
+    def format_patch(self, branch: str, out: Path, *opts: str) -> list[Path]:
+        """``git format-patch OPTS -o OUT base..BRANCH``: the files, in name order."""
+        git(self.repo, "format-patch", "-q", *opts, "-o", str(out), f"base..{branch}")
+        return sorted(out.glob("*.patch"))
+
 
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory: pytest.TempPathFactory) -> Kernel:
@@ -287,6 +304,132 @@ def test_infra_timeout_is_inconclusive_not_regression(clean_gate, kernel: Kernel
     assert [(i["host"], i["suite"]) for i in report["inconclusive"]] == [("gate-zen4", "gatecheck")]
     assert "timeout" in report["inconclusive"][0]["why"]
     assert "Inconclusive" in md and "None." in section(md, "Regressions")
+
+
+def _regressions(report: dict) -> list[tuple[str, str, tuple[str, ...]]]:
+    return sorted((i["nodeid"].split("::")[-1], i["host_class"], tuple(i["hosts"]))
+                  for i in report.get("items") or [] if i["category"] == "regression")
+
+
+FIVE = [("kvm: pmu: rename the filter helper", {"drivers/kvm/pmu.c": "/* pmu.c */\nint pmu_filter_v2(void)\n"
+                                                                      "{\n\treturn 0;\n}\n"}),
+        ("kvm: pmu: add a counter helper", {"drivers/kvm/counter.c": "int pmu_counter(void) { return 0; }\n"}),
+        ("kvm: pmu: skip event filter reprogramming on SPR",
+         {"pmufarm-sim.yaml": "# simulated kernel: uarch glob -> injected faults\nsapphirerapids: [filter_ignored]\n"}),
+        ("kvm: pmu: document the helpers", {"README": "toy kernel, documented\n"}),
+        ("kvm: pmu: tidy the counter helper", {"drivers/kvm/counter.c": "int pmu_counter(void)\n{\n\treturn 0;\n}\n"})]
+
+
+@SLOW
+def test_five_patch_series_is_bisected_to_the_third(clean_gate, kernel: Kernel, env: dict[str, str],
+                                                    tmp_path: Path) -> None:
+    """Plain format-patch output in a directory (no cover letter, no thread, no base trailer): the third of
+    five patches breaks the event filter on Sapphire Rapids; bisection names it in O(log n) builds, running
+    only the regressed test on the host that regressed."""
+    kernel.branch("five", FIVE)
+    kernel.format_patch("five", tmp_path / "p")
+    r, report, md = run_gate(kernel, env, tmp_path / "p", tmp_path / "out", "--base", "base")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert report["series"]["form"] == "git am order" and report["series"]["patch_count"] == 5
+    b = report["bisect"]
+    bad = b["first_bad"]
+    assert bad["index"] == 3 and "skip event filter reprogramming on SPR" in bad["subject"], b
+    assert [t.split("::")[-1] for t in bad["tests"]] == ["test_denied_event_reads_zero on gate-spr"]
+    assert bad["commit"] == git(kernel.repo, "rev-parse", "five~2")
+    assert 2 <= b["builds"] <= 3  # ceil(log2 5)
+    assert {st["index"]: st["result"] for st in b["steps"]}.get(3) == "bad"
+    from orchestrator.store import Store
+
+    store = Store(Path(env["FARM_STATE_DIR"]) / "pmufarm.sqlite")
+    step_jobs = [j for st in b["steps"] for rid in st["runs"] for j in store.jobs(rid) if j["suite"] == "gatecheck"]
+    assert step_jobs and {j["host"] for j in step_jobs} == {"gate-spr"}
+    assert {t["nodeid"].split("::")[-1] for j in step_jobs for t in j["tests"]} == {"test_denied_event_reads_zero"}
+    assert "## First bad patch" in md and "patch 3/5" in section(md, "First bad patch")
+    assert "first bad patch: 3/5" in r.stdout
+    assert report["timing"]["to_first_bad"] >= report["timing"]["to_verdict"] > 0
+
+
+@SLOW
+def test_every_series_form_gives_the_mbox_verdict(clean_gate, kernel: Kernel, env: dict[str, str],
+                                                  tmp_path: Path) -> None:
+    """The threaded mbox with a cover letter is the reference; a developer's other forms must agree."""
+    ref_r, ref, _ = run_gate(kernel, env, kernel.series("breaks-spr", BREAKS_SPR), tmp_path / "ref", "--no-bisect")
+    assert ref_r.returncode == 1 and _regressions(ref), ref_r.stdout + ref_r.stderr
+    branch = kernel.branch("breaks-spr-dev", BREAKS_SPR)
+    plain = kernel.format_patch(branch, tmp_path / "plain", "--base=base")
+    cover = kernel.format_patch(branch, tmp_path / "cover", "--cover-letter", "--base=base")
+    kernel.format_patch(branch, tmp_path / "threaded", "--cover-letter", "--thread", "--base=base")
+    stdout_mbox = tmp_path / "stdout.mbox"
+    stdout_mbox.write_text(git(kernel.repo, "format-patch", "--stdout", f"base..{branch}") + "\n")
+    forms = {
+        "one plain file per --series": (["--series", str(plain[0]), "--series", str(plain[1])], "git am order"),
+        "shell-expanded *.patch with a cover": (["--series", *map(str, cover)], "git am order"),
+        "directory, threaded, cover letter": (["--series", str(tmp_path / "threaded")], "b4"),
+        "format-patch --stdout mbox, --base": (["--series", str(stdout_mbox), "--base", "base"], "git am order"),
+        "git range": (["--range", f"base..{branch}"], "git range"),
+        "git range in --series": (["--series", f"base..{branch}"], "git range"),
+    }
+    for name, (args, form) in forms.items():
+        out = tmp_path / name.replace(" ", "_")
+        r = gate_cli(*args, "--tree", str(kernel.repo), "--build-cmd", BUILD, "--inventory", INVENTORY,
+                     "--out", str(out), "--no-bisect", env=env)
+        report = json.loads((out / "gate.json").read_text())
+        assert r.returncode == 1, (name, r.stdout + r.stderr)
+        assert report["series"]["form"] == form, name
+        assert report["series"]["patch_count"] == 2 and report["base"]["sha"] == kernel.base, name
+        assert _regressions(report) == _regressions(ref), name
+        assert "bisect" not in report and any("--no-bisect" in n for n in report["notes"]), name
+
+
+@SLOW
+def test_base_option_wins_over_the_trailer(clean_gate, kernel: Kernel, env: dict[str, str], tmp_path: Path) -> None:
+    """The series says base-commit: <base>; --base names a later commit: the gate tests on --base and says so."""
+    base2 = git(kernel.repo, "rev-parse", kernel.branch("base2", [("docs: pmu notes",
+                                                                    {"Documentation/pmu.rst": "PMU notes\n"})]))
+    r, report, md = run_gate(kernel, env, kernel.series("clean", CLEAN), tmp_path / "out", "--base", "base2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert report["base"] == {"sha": base2, "origin": "--base base2"}
+    line = f"--base base2 ({base2[:12]}) wins over the series' base-commit: trailer of the series {kernel.base[:12]}"
+    assert line in r.stdout and line in report["notes"] and line in md
+
+
+def test_garbage_series_is_one_line_exit_2(kernel: Kernel, env: dict[str, str], tmp_path: Path) -> None:
+    """Not a patch, a bare diff, an empty directory, a range with no commits: exit 2, one line naming it."""
+    (tmp_path / "notes.txt").write_text("hello\nthis is not a patch\n")
+    (tmp_path / "bare.diff").write_text("--- a/README\n+++ b/README\n@@ -1 +1 @@\n-toy kernel\n+toy\n")
+    (tmp_path / "mail.eml").write_text("From: Dev <dev@example.org>\nSubject: lunch?\n\nnoon?\n")
+    (tmp_path / "empty").mkdir()
+    cases = {"notes.txt": "not a patch", "bare.diff": "not a patch", "mail.eml": "not a patch",
+             "empty": "no *.patch files", "base..base": "no commits"}
+    for name, why in cases.items():
+        spec = name if ".." in name else str(tmp_path / name)
+        r, report, _ = run_gate(kernel, env, spec, tmp_path / f"out-{name}")
+        errors = [ln for ln in r.stderr.splitlines() if ln.startswith("orchestrator:")]
+        assert r.returncode == 2 and len(errors) == 1, (name, r.stderr)
+        assert name in errors[0] and why in errors[0] and "Traceback" not in r.stderr, (name, errors[0])
+        assert report["verdict"] == "input-error"
+
+
+def test_bisect_search_is_logarithmic() -> None:
+    import math
+
+    from orchestrator.gate.bisect import search
+
+    for n in range(2, 17):
+        for first in range(1, n + 1):
+            asked: list[int] = []
+
+            def test(k: int, first: int = first, asked: list[int] = asked) -> str:
+                asked.append(k)
+                return "bad" if k >= first else "good"
+
+            assert search(n, test) == (first, first - 1, first)
+            assert len(asked) <= math.ceil(math.log2(n)), (n, first, asked)
+    # Untestable commits are skipped; when nothing in between builds, a range comes back.
+    assert search(5, lambda k: {2: "untestable"}.get(k, "bad" if k >= 4 else "good")) == (4, 3, 4)
+    assert search(5, lambda k: {2: "untestable"}.get(k, "bad" if k >= 3 else "good")) == (None, 1, 3)  # 2 or 3
+    assert search(3, lambda k: "untestable") == (None, 0, 3)
+    assert search(5, lambda k: "inconclusive") == (None, 0, 5)
 
 
 # -- the comparison table, on hand-made jobs (fast) ------------------------------------------------------

@@ -54,16 +54,13 @@ def check_tree(tree: Path) -> Path:
 
 
 def resolve_base(tree: Path, series: Series, base_ref: str | None) -> tuple[str, str, list[str]]:
-    """(full sha, where it came from, notes). The series' base-commit: trailer wins over --base."""
+    """(full sha, where it came from, notes). ``--base`` wins over what the series names (its
+    ``base-commit:`` trailer, or the start of a range), with a note when the two differ."""
     notes: list[str] = []
-    if series.base_commit:
-        wanted, origin = series.base_commit, "base-commit: trailer of the series"
-        if base_ref:
-            other = _rev(tree, base_ref)
-            if other is None or not other.startswith(series.base_commit):
-                notes.append(f"--base {base_ref} ignored: the series names base-commit {series.base_commit}")
-    elif base_ref:
+    if base_ref:
         wanted, origin = base_ref, f"--base {base_ref}"
+    elif series.base_commit:
+        wanted, origin = series.base_commit, series.base_origin
     else:
         raise GateError(2, "input-error", "no base: the series has no 'base-commit:' trailer "
                                           "(git format-patch --base) and --base REF was not given")
@@ -71,6 +68,9 @@ def resolve_base(tree: Path, series: Series, base_ref: str | None) -> tuple[str,
     if sha is None:
         raise GateError(2, "input-error", f"base {wanted} ({origin}) is not a commit in {tree} "
                                           "(fetch it first)")
+    if base_ref and series.base_commit and not sha.startswith(series.base_commit):
+        notes.append(f"--base {base_ref} ({sha[:12]}) wins over the series' {series.base_origin} "
+                     f"{series.base_commit[:12]}")
     return sha, origin, notes
 
 

@@ -34,9 +34,12 @@ def _state(ctx: click.Context) -> tuple[Path, Path, Any]:
 
 
 @click.command(epilog=EXIT_HELP)
-@click.option("--series", required=True, metavar="MBOX|MESSAGE-ID",
-              help="An mbox file (b4 --offline-mode am) or a lore Message-ID (b4 am, needs the network).")
-@click.option("--base", metavar="REF", help="Base commit when the series has no 'base-commit:' trailer.")
+@click.option("--series", "series", multiple=True, metavar="MBOX|PATCH|DIR|MESSAGE-ID|BASE..HEAD",
+              help="The series: an mbox or patch file(s) (repeatable; extra paths after the options count too), "
+                   "a directory of git format-patch output, a lore Message-ID (b4, needs the network) or a git "
+                   "range of --tree.")
+@click.option("--range", "git_range", metavar="BASE..HEAD", help="The series as a git range of --tree.")
+@click.option("--base", metavar="REF", help="Base commit; wins over the series' 'base-commit:' trailer.")
 @click.option("--tree", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="The kernel git tree (worktrees are made in the state dir; the tree itself is not touched).")
 @click.option("--build-cmd", default=DEFAULT_BUILD_CMD, show_default=True, help="Run with bash -c in the worktree.")
@@ -55,14 +58,27 @@ def _state(ctx: click.Context) -> tuple[Path, Path, Any]:
 @click.option("--provision-timeout", default=900.0, show_default=True,
               help="kexec/reboot hosts: seconds for the agent to come back on the new kernel.")
 @click.option("--fresh-baseline", is_flag=True, help="Always run the baseline, never reuse stored results.")
+@click.option("--no-bisect", is_flag=True,
+              help="On a regression, do not look for the first bad patch of a multi-patch series.")
+@click.argument("more_series", nargs=-1, metavar="[PATCH]...", type=click.Path(path_type=str))
 @click.pass_context
-def gate(ctx: click.Context, series: str, base: str | None, tree: Path, build_cmd: str, build_timeout: float,
+def gate(ctx: click.Context, series: tuple[str, ...], git_range: str | None, more_series: tuple[str, ...],
+         base: str | None, tree: Path, build_cmd: str, build_timeout: float,
          inventory: str, hosts: str | None, select: tuple[str, ...], suites: tuple[str, ...], reruns: int,
          known_issues: Path | None, out: Path | None, timeout: float, expires: float, provision_timeout: float,
-         fresh_baseline: bool) -> None:
-    """Test a patch series against its base on every selected CPU model; exit 0/1/2/3."""
+         fresh_baseline: bool, no_bisect: bool) -> None:
+    """Test a patch series against its base on every selected CPU model; exit 0/1/2/3.
+
+    `--series out/*.patch` works as the shell expands it: the paths after the first are taken as more
+    patch files of the same series."""
+    specs = [*series, *more_series, *([git_range] if git_range else [])]
+    if not specs or (git_range and (series or more_series)):
+        click.echo("orchestrator: gate: give the series once: --series (files, a directory, a Message-ID, "
+                   "BASE..HEAD) or --range BASE..HEAD", err=True)
+        sys.exit(2)
     state_dir, reports_dir, store = _state(ctx)
-    opts = GateOptions(series=series, tree=tree, base=base, build_cmd=build_cmd, build_timeout=build_timeout,
+    opts = GateOptions(series=specs, tree=tree, bisect=not no_bisect, base=base, build_cmd=build_cmd,
+                       build_timeout=build_timeout,
                        inventory=inventory, hosts=hosts, select=select, suites=suites, reruns=reruns,
                        known_issues=known_issues, out=out, timeout=timeout, expires=expires,
                        provision_timeout=provision_timeout, fresh_baseline=fresh_baseline)
@@ -83,6 +99,12 @@ def gate(ctx: click.Context, series: str, base: str | None, tree: Path, build_cm
                        f"({item['baseline']} -> {item['candidate']})")
         if len(regressions) > 20:
             click.echo(f"  ... and {len(regressions) - 20} more in gate.md")
+        bad = (r.get("bisect") or {}).get("first_bad")
+        if bad:
+            click.echo(f"first bad patch: {bad['index']}/{r['series']['patch_count']} {bad['subject']!r} "
+                       f"(breaks {', '.join(bad['tests'])})")
+        elif r.get("bisect"):
+            click.echo(f"bisect: {r['bisect']['message']}")
     else:
         click.echo(f"orchestrator: {line}", err=True)
     click.echo(f"report: {result.out / 'gate.md'}")

@@ -1,4 +1,5 @@
-"""The gate pipeline: intake -> apply -> build -> baseline (reuse or run) -> candidate -> re-runs -> verdict.
+"""The gate pipeline: intake -> apply -> build -> baseline (reuse or run) -> candidate -> re-runs -> verdict
+-> on a regression of a multi-patch series, bisection to the first bad patch (``bisect.py``).
 
 Order matters for CI cost: the series is applied and the candidate built *before* any farm time is
 spent, so a series that does not apply or build fails in seconds. Every path, including errors,
@@ -16,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.gate.apply import Worktrees, apply_series, check_tree, resolve_base, tree_identity
-from orchestrator.gate.baseline import INFRA, build_digest, find_baselines, host_class, job_class, suites_digest
+from orchestrator.gate.baseline import build_digest, find_baselines, host_class, job_class, suites_digest
+from orchestrator.gate.bisect import bisect
 from orchestrator.gate.build import DEFAULT_BUILD_CMD, SIM_FILE, run_build
 from orchestrator.gate.common import EXIT_INCONCLUSIVE, EXIT_INPUT, GateError
 from orchestrator.gate.provision import provision
@@ -25,6 +27,7 @@ from orchestrator.gate.verdict import (
     compare,
     decide,
     items_json,
+    job_outcome,
     job_tests,
     load_known_issues,
     rerun_suspects,
@@ -38,7 +41,7 @@ from orchestrator.store import Store
 
 @dataclass
 class GateOptions:
-    series: str
+    series: list[str]
     tree: Path
     base: str | None = None
     build_cmd: str = DEFAULT_BUILD_CMD
@@ -54,6 +57,7 @@ class GateOptions:
     expires: float = 600.0
     provision_timeout: float = 900.0
     fresh_baseline: bool = False
+    bisect: bool = True
     tty: bool | None = None
 
 
@@ -149,7 +153,7 @@ def run_gate(o: GateOptions, store: Store, state_dir: Path, reports_dir: Path, e
                               "inventory": o.inventory, "reruns": o.reruns, "timing": timing, "notes": [],
                               "compared": False}
     try:
-        _pipeline(o, store, state_dir, out, work, gate_id, report, timing, echo)
+        _pipeline(o, store, state_dir, out, work, gate_id, report, timing, echo, t0)
     except GateError as exc:
         report.update(verdict=exc.verdict, exit_code=exc.code, message=str(exc), detail=exc.detail)
     except RunError as exc:
@@ -168,7 +172,7 @@ def run_gate(o: GateOptions, store: Store, state_dir: Path, reports_dir: Path, e
 
 
 def _pipeline(o: GateOptions, store: Store, state_dir: Path, out: Path, work: Path, gate_id: str,
-              report: dict[str, Any], timing: dict[str, float], echo: Any) -> None:
+              report: dict[str, Any], timing: dict[str, float], echo: Any, t0: float) -> None:
     if o.reruns < 0:
         raise GateError(EXIT_INPUT, "input-error", "--reruns must be >= 0")
     known = load_known_issues(o.known_issues)
@@ -180,13 +184,15 @@ def _pipeline(o: GateOptions, store: Store, state_dir: Path, out: Path, work: Pa
     report["hosts"] = [h.name for h in hosts]
 
     t = time.monotonic()
-    series = intake(o.series, work)
+    series = intake(o.series, work, tree)
     report["series"] = series.to_json()
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(series.mbx, out / "series.mbx")
     base_sha, origin, notes = resolve_base(tree, series, o.base)
     report["base"] = {"sha": base_sha, "origin": origin}
     report["notes"] += notes
+    for note in notes:
+        echo(note)
     echo(f"gate {gate_id}: {series.subject!r}: {series.count} patch(es), patchset {series.patchset_hash[:16]}, "
          f"base {base_sha[:12]} ({origin})")
 
@@ -275,12 +281,28 @@ def _pipeline(o: GateOptions, store: Store, state_dir: Path, out: Path, work: Pa
             rerun_ids.append(rid)
             rjobs = {(j["host"], j["suite"]): j for j in store.jobs(rid)}
             for it in suspects:
-                outcome = _rerun_outcome(rjobs.get((it.host, it.suite)), it.nodeid, it.suite)
-                reruns.setdefault(it.key, []).append(outcome)
+                outcome = job_outcome(rjobs.get((it.host, it.suite)), it.nodeid, it.suite)
+                reruns.setdefault(it.key, []).append(None if outcome == "absent" else outcome)
             items, inconclusive = compare(found, cand_jobs, cand_meta, known, reruns, o.reruns, expected)
         timing["reruns"] = round(time.monotonic() - t, 2)
+        verdict, code = decide(items, inconclusive)
+        timing["to_verdict"] = round(time.monotonic() - t0, 2)
 
-    verdict, code = decide(items, inconclusive)
+        # Which patch broke it: bisect the applied commits, regressed tests only, on the hosts that regressed.
+        regressions = [i for i in items if i.category == "regression"]
+        if verdict == "regression" and series.count > 1 and o.bisect:
+            t = time.monotonic()
+            report["bisect"] = bisect(
+                series, commits, cand_wt, regressions, hosts, o.reruns,
+                lambda wt, role, sha: run_build(wt, role, sha, o.build_cmd, o.build_timeout, out),
+                lambda hs, ss, ro: _execute(store, state_dir, hs, ss, o.inventory, ro, echo),
+                store, RunOptions(timeout=o.timeout, expires=o.expires, meta=cand_meta, tty=o.tty),
+                o.provision_timeout, echo)
+            timing["bisect"] = round(time.monotonic() - t, 2)
+            timing["to_first_bad"] = round(time.monotonic() - t0, 2)
+        elif verdict == "regression" and series.count > 1:
+            report["notes"].append("--no-bisect: the first bad patch was not looked for")
+
     used = sorted({(found[(c, j["suite"])]["run_id"]) for j in cand_jobs
                    if (c := job_class(j, cand_meta)) and (c, j["suite"]) in found})
     report["runs"] = {"baseline": [{"id": r, "how": "ran" if r == new_baseline else "reused"} for r in used],
@@ -314,16 +336,6 @@ def _pipeline(o: GateOptions, store: Store, state_dir: Path, out: Path, work: Pa
         report["reports"].update({k: str(v) for k, v in paths.items()})
     except Exception as exc:  # reports are attachments; a renderer bug must not hide the verdict
         report["notes"].append(f"candidate reports could not be written: {type(exc).__name__}: {exc}")
-
-
-def _rerun_outcome(job: dict[str, Any] | None, nodeid: str, suite: str) -> str | None:
-    if job is None or job["status"] in INFRA or job["status"] in ("queued", "running"):
-        return None
-    want = rerun_target(nodeid, suite)
-    for nid, t in job_tests(job).items():
-        if rerun_target(nid, suite) == want:
-            return t["outcome"]
-    return None
 
 
 def _same_kernel_notes(found: dict[tuple[str, str], dict[str, Any]], cand_jobs: list[dict[str, Any]],

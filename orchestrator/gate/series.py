@@ -1,8 +1,22 @@
-"""Series intake: an mbox file or a lore Message-ID -> an am-ready mbox, its patches and its identity.
+"""Series intake: every form a developer has -> an am-ready mbox, its patches and its identity.
 
-Both paths go through b4 so the series is threaded, ordered and de-duplicated the way maintainers see
-it: ``b4 --offline-mode am -m FILE -o DIR`` for a file (never touches the network), ``b4 am -o DIR
-MSGID`` for a Message-ID (needs lore; when lore is unreachable the gate fails with one line, exit 2).
+Forms (``--series`` may be given several times; ``--range`` is the same as a range in ``--series``):
+
+* **mbox / patch files / a directory of ``git format-patch`` output** (with or without a cover
+  letter, threaded or not): every message is checked to be a patch mail (``From:`` + ``Subject:``
+  headers and a diff; a leading message without a diff, or ``[PATCH 0/n]``, is the cover letter).
+  When the messages are threaded (each has a ``Message-Id`` and all but the first reply to the
+  thread, as ``git format-patch --thread`` or a mail client writes them), b4 takes the series
+  (``b4 --offline-mode am -m``: ordering, de-duplication, trailers, never the network). Otherwise
+  (plain ``git format-patch``, no Message-Ids: b4 cannot thread them) the patches go to ``git am``
+  in ``[PATCH n/m]`` order, else in the order given (a directory: file-name order, which is
+  format-patch's own).
+* **a lore Message-ID**: ``b4 am -o DIR MSGID`` (needs lore; unreachable -> one line, exit 2).
+* **a git range** ``BASE..HEAD`` of the ``--tree``: its commits as ``git format-patch`` writes them
+  (merges refused), based on ``BASE`` unless ``--base`` says otherwise.
+
+Anything else (a file that is no patch mail, a bare diff, an empty directory) is one line naming the
+file, exit 2.
 
 Identity recorded for every gate run:
 
@@ -10,16 +24,16 @@ Identity recorded for every gate run:
 * ``patches``: ``[{"index", "subject", "sha256"}]`` in application order, and their count;
 * ``patchset_hash``: KCIDB's definition (kcidb doc/submitter_guide.md): sha256 over the
   newline-terminated lowercase hex sha256 of each patch, in order -- what
-  ``sha256sum *.patch | cut -c-64 | sha256sum`` prints. A "patch" is one message of b4's am-ready
-  mbox exactly as ``git mailsplit`` writes it for ``git am`` (headers b4 kept + body + diff, without
-  the mbox ``From `` separator). Review trailers that b4 collects from replies are part of the
-  message, so a series re-fetched after new ``Reviewed-by:`` lines gets a new hash (it is a new
-  patch file in the KCIDB sense); the same mbox always hashes the same;
+  ``sha256sum *.patch | cut -c-64 | sha256sum`` prints. A "patch" is one message of the am-ready
+  mbox exactly as ``git mailsplit`` writes it for ``git am`` (headers + body + diff, without the
+  mbox ``From `` separator). Review trailers that b4 collects from replies are part of the message,
+  so a series re-fetched after new ``Reviewed-by:`` lines gets a new hash (it is a new patch file in
+  the KCIDB sense); the same input always hashes the same;
 * ``base_commit``: the ``base-commit:`` trailer that ``git format-patch --base`` writes (cover
-  letter or last patch), when present.
+  letter or last patch), or the start of a range, when present (``--base`` wins over it).
 
-A series whose ``[PATCH n/m]`` numbering has holes is refused (b4 would hand over the patches it
-has, and the gate would then test a different series than the one posted).
+A series whose ``[PATCH n/m]`` numbering has holes is refused (the gate would otherwise test a
+different series than the one posted).
 """
 
 from __future__ import annotations
@@ -39,9 +53,12 @@ from typing import Any
 from orchestrator.gate.common import GateError
 
 B4_TIMEOUT = 300
+MBOX_FROM = b"From pmufarm Mon Sep 17 00:00:00 2001\n"
 BASE_RE = re.compile(rb"^base-commit:\s*([0-9a-f]{7,64})\s*$", re.MULTILINE)
 NUM_RE = re.compile(r"\[[^\]]*?\b(\d+)/(\d+)\s*\]")
 MSGID_RE = re.compile(r"^<?[^<>\s@/]+@[^<>\s@/]+>?$")
+DIFF_RE = re.compile(rb"^(diff --git |--- \S.*\n\+\+\+ \S)", re.MULTILINE)
+HEADER_RE = re.compile(rb"^(?:[!-9;-~]+:[^\n]*\n(?:[ \t][^\n]*\n)*)+\n", re.DOTALL)
 
 
 @dataclass
@@ -66,6 +83,8 @@ class Series:
     cover: Path | None = None
     b4_log: str = ""
     notes: list[str] = field(default_factory=list)
+    form: str = "b4"  # how the patches were taken: b4, git am order, git range
+    base_origin: str = "base-commit: trailer of the series"
 
     @property
     def count(self) -> int:
@@ -76,7 +95,7 @@ class Series:
         return patchset_hash([p.sha256 for p in self.patches])
 
     def to_json(self) -> dict[str, Any]:
-        return {"source": self.source, "subject": self.subject, "patch_count": self.count,
+        return {"source": self.source, "form": self.form, "subject": self.subject, "patch_count": self.count,
                 "patchset_hash": self.patchset_hash, "base_commit": self.base_commit,
                 "message_id": self.message_id,
                 "patches": [{"index": p.index, "subject": p.subject, "sha256": p.sha256} for p in self.patches]}
@@ -116,23 +135,175 @@ def _headers(raw: bytes) -> email.message.Message:
     return email.message_from_bytes(raw, policy=email.policy.compat32)
 
 
-def intake(spec: str, workdir: Path, offline_hint: bool = False) -> Series:
-    """Run b4 on ``spec`` (an mbox path or a Message-ID) into ``workdir``; raise GateError(2) on bad input."""
+def intake(specs: str | list[str], workdir: Path, tree: Path | None = None) -> Series:
+    """Take the series in any form (module docstring) into ``workdir``; raise GateError(2) on bad input."""
+    specs = [specs] if isinstance(specs, str) else list(specs)
+    if not specs:
+        raise GateError(2, "input-error", "no series: give --series (mbox, patch files, a directory, a "
+                                          "Message-ID or BASE..HEAD) or --range")
     workdir.mkdir(parents=True, exist_ok=True)
+    if len(specs) == 1 and not Path(specs[0]).exists():
+        spec = specs[0]
+        if ".." in spec and tree is not None:
+            return _intake_range(spec, tree, workdir)
+        if looks_like_msgid(spec):
+            msgid = spec.strip().strip("<>")
+            return _b4_am([*b4_command(), "am", "-o", str(workdir / "b4"), msgid], spec, f"message-id {msgid}",
+                          workdir, msgid=msgid)
+        raise GateError(2, "input-error", f"--series {spec!r}: no such file, not a Message-ID (id@host) "
+                                          "and not a git range (BASE..HEAD)")
+    messages = [m for f in _expand(specs) for m in _read_messages(f, workdir)]
+    return _intake_messages(messages, " ".join(specs), workdir)
+
+
+@dataclass
+class _Message:
+    file: Path
+    raw: bytes
+    subject: str
+    headers: email.message.Message
+
+    @property
+    def has_diff(self) -> bool:
+        return bool(DIFF_RE.search(self.raw))
+
+    @property
+    def is_cover(self) -> bool:
+        m = NUM_RE.search(self.subject)
+        return bool(m and m.group(1) == "0") or not self.has_diff
+
+
+def _expand(specs: list[str]) -> list[Path]:
+    """Paths in the order given; a directory contributes its ``*.patch`` files in name order."""
+    files: list[Path] = []
+    for spec in specs:
+        path = Path(spec)
+        if path.is_dir():
+            found = sorted(f for f in path.iterdir() if f.is_file() and f.suffix in (".patch", ".eml", ".mbx"))
+            if not found:
+                raise GateError(2, "input-error", f"--series {spec}: directory holds no *.patch files "
+                                                  "(git format-patch -o DIR)")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise GateError(2, "input-error", f"--series {spec}: no such file or directory")
+    out: list[Path] = []
+    for f in files:
+        if f.resolve() not in {o.resolve() for o in out}:
+            out.append(f)
+    return out
+
+
+def _read_messages(path: Path, workdir: Path) -> list[_Message]:
+    """The patch mails of one file (an mbox, or a single mail without the mbox ``From `` line)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise GateError(2, "input-error", f"--series {path}: cannot read: {exc.strerror}") from None
+    if not raw.startswith(b"From "):
+        if not HEADER_RE.match(raw):
+            raise GateError(2, "input-error", f"--series {path}: not a patch (no mail headers; a bare diff has "
+                                              "no author or subject: use git format-patch)")
+        raw = MBOX_FROM + raw  # a single mail: make it a one-message mbox
+    root = workdir / "split"
+    root.mkdir(parents=True, exist_ok=True)
+    split = root / str(len(list(root.iterdir())))
+    split.mkdir()
+    src = split / "input"
+    src.write_bytes(raw)
+    proc = subprocess.run(["git", "mailsplit", f"-o{split}", str(src)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise GateError(2, "input-error", f"--series {path}: not a patch mbox ({proc.stderr.strip()[:120]})")
+    out = []
+    for f in sorted(p for p in split.iterdir() if p.name.isdigit()):
+        body = f.read_bytes()
+        headers = _headers(body)
+        if not headers.get("From") or not headers.get("Subject"):
+            raise GateError(2, "input-error", f"--series {path}: not a patch (a message without From:/Subject: "
+                                              "headers)")
+        out.append(_Message(path, body, _decode(headers.get("Subject")), headers))
+    if not out:
+        raise GateError(2, "input-error", f"--series {path}: not a patch (no messages)")
+    return out
+
+
+def _write_mbox(path: Path, messages: list[_Message]) -> None:
+    """Messages as git mailsplit left them (each still starts with its mbox ``From `` line)."""
+    path.write_bytes(b"".join((m.raw if m.raw.startswith(b"From ") else MBOX_FROM + m.raw).rstrip(b"\n") + b"\n\n"
+                              for m in messages))
+
+
+def _threaded(messages: list[_Message]) -> bool:
+    """b4 can thread them: every message has a Message-Id, every one after the first replies to the thread."""
+    if not all(m.headers.get("Message-Id") for m in messages):
+        return False
+    return all(m.headers.get("In-Reply-To") or m.headers.get("References") for m in messages[1:])
+
+
+def _intake_messages(messages: list[_Message], source: str, workdir: Path) -> Series:
+    covers = [m for m in messages if m.is_cover]
+    for m in covers:
+        if m is not messages[0] and not NUM_RE.search(m.subject):
+            raise GateError(2, "input-error", f"--series {m.file}: not a patch (message {m.subject!r} has no diff)")
+    if len(covers) == len(messages):
+        raise GateError(2, "input-error", f"--series {source}: not a patch (no message holds a diff)")
+    if _threaded(messages):
+        mbox = workdir / "input.mbx"
+        _write_mbox(mbox, messages)
+        series = _b4_am([*b4_command(), "--offline-mode", "am", "-m", str(mbox), "-o", str(workdir / "b4")],
+                        source, f"mbox {source}", workdir)
+        series.base_commit = series.base_commit or find_base_commit([m.raw for m in messages])
+        return series
+    # Plain format-patch output: git am order ([PATCH n/m] when every patch has it, else as given).
+    patches = [m for m in messages if not m.is_cover]
+    nums = [NUM_RE.search(m.subject) for m in patches]
+    if all(nums):
+        patches = [m for _, m in sorted(zip([int(n.group(1)) for n in nums if n], patches, strict=True),
+                                       key=lambda x: x[0])]
+    mbx = workdir / "series.mbx"
+    _write_mbox(mbx, patches)
+    split = split_patches(mbx, workdir / "patches")
+    check_numbering(split, f"series {source}")
+    cover = next((m for m in messages if m.is_cover), None)
+    subject = cover.subject if cover else ""
+    if not subject or "*** SUBJECT HERE ***" in subject:
+        subject = split[0].subject
+    return Series(source=source, mbx=mbx, subject=subject, patches=split,
+                  base_commit=find_base_commit([m.raw for m in messages]), form="git am order")
+
+
+def _intake_range(spec: str, tree: Path, workdir: Path) -> Series:
+    """``BASE..HEAD`` of the tree: its commits as format-patch writes them, based on BASE."""
+    base_ref, _, head_ref = spec.partition("..")
+    if not base_ref or not head_ref or head_ref.startswith("."):
+        raise GateError(2, "input-error", f"--series {spec!r}: a range is BASE..HEAD (two dots)")
+    shas = []
+    for ref in (base_ref, head_ref):
+        proc = _git(tree, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}")
+        if proc.returncode != 0:
+            raise GateError(2, "input-error", f"range {spec}: {ref} is not a commit in {tree}")
+        shas.append(proc.stdout.strip())
+    if _git(tree, "rev-list", "--merges", spec).stdout.strip():
+        raise GateError(2, "input-error", f"range {spec}: holds merge commits (a series is a line of patches)")
+    if not _git(tree, "rev-list", spec).stdout.strip():
+        raise GateError(2, "input-error", f"range {spec}: no commits")
+    proc = _git(tree, "format-patch", "--stdout", "--no-signature", spec)
+    if proc.returncode != 0:
+        raise GateError(2, "input-error", f"range {spec}: git format-patch failed: {proc.stderr.strip()[:200]}")
+    mbox = workdir / "range.mbox"
+    mbox.write_text(proc.stdout)
+    series = _intake_messages(_read_messages(mbox, workdir), spec, workdir)
+    series.base_commit, series.base_origin, series.form = shas[0], f"start of range {spec}", "git range"
+    return series
+
+
+def _git(tree: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["git", "-C", str(tree), *args], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+
+
+def _b4_am(cmd: list[str], source: str, what: str, workdir: Path, msgid: str | None = None) -> Series:
     out = workdir / "b4"
-    path = Path(spec)
-    if path.exists():
-        if not path.is_file():
-            raise GateError(2, "input-error", f"--series {spec}: not a file")
-        path = path.resolve()
-        cmd = [*b4_command(), "--offline-mode", "am", "-m", str(path), "-o", str(out)]
-        what, msgid = f"mbox {path}", None
-    elif looks_like_msgid(spec):
-        msgid = spec.strip().strip("<>")
-        cmd = [*b4_command(), "am", "-o", str(out), msgid]
-        what = f"message-id {msgid}"
-    else:
-        raise GateError(2, "input-error", f"--series {spec!r}: no such file, and not a Message-ID (id@host)")
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=B4_TIMEOUT,
                               cwd=workdir)
@@ -146,9 +317,7 @@ def intake(spec: str, workdir: Path, offline_hint: bool = False) -> Series:
         if msgid is not None:
             raise GateError(2, "input-error", f"b4 am {msgid}: could not fetch the series from lore "
                                               f"({last or f'exit {proc.returncode}'}); pass an mbox file instead")
-        hint = " (are the patches threaded, with Message-Ids? git format-patch --thread)" \
-            if re.search(r"message-id|stdin|no messages|not found", log, re.I) else ""
-        raise GateError(2, "input-error", f"b4 am {what}: {last or f'exit {proc.returncode}'}{hint}")
+        raise GateError(2, "input-error", f"b4 am {what}: {last or f'exit {proc.returncode}'}")
     if len(mbxs) > 1:
         raise GateError(2, "input-error", f"b4 am {what}: produced several series ({', '.join(m.name for m in mbxs)})")
     mbx = mbxs[0]
@@ -161,9 +330,9 @@ def intake(spec: str, workdir: Path, offline_hint: bool = False) -> Series:
     subject = _decode(_headers(cover.read_bytes()).get("Subject")) if cover else ""
     if not subject or "*** SUBJECT HERE ***" in subject:
         subject = patches[0].subject  # no cover letter, or format-patch's placeholder left in it
-    base = find_base_commit([*([cover] if cover else []), mbx, *([path] if path.exists() else [])])
-    return Series(source=spec, mbx=mbx, subject=subject, patches=patches, base_commit=base, message_id=msgid,
-                  cover=cover, b4_log=log)
+    base = find_base_commit([f.read_bytes() for f in [*([cover] if cover else []), mbx]])
+    return Series(source=source, mbx=mbx, subject=subject, patches=patches, base_commit=base, message_id=msgid,
+                  cover=cover, b4_log=log, form="b4")
 
 
 def _last_meaningful(log: str) -> str:
@@ -201,12 +370,9 @@ def check_numbering(patches: list[Patch], what: str) -> None:
                                           f"{', '.join(f'{n}/{total}' for n in missing)}")
 
 
-def find_base_commit(files: list[Path]) -> str | None:
-    for f in files:
-        try:
-            m = BASE_RE.search(f.read_bytes())
-        except OSError:
-            continue
+def find_base_commit(texts: list[bytes]) -> str | None:
+    for text in texts:
+        m = BASE_RE.search(text)
         if m:
             return m.group(1).decode()
     return None

@@ -129,6 +129,17 @@ def rerun_target(nodeid: str, suite: str) -> str:
     return nodeid[i:] if i >= 0 else nodeid
 
 
+def job_outcome(job: dict[str, Any] | None, nodeid: str, suite: str) -> str | None:
+    """The outcome of ``nodeid`` in a (re-)run job: None when the job did not complete (infrastructure)."""
+    if job is None or job["status"] in INFRA or job["status"] in ("queued", "running"):
+        return None
+    want = rerun_target(nodeid, suite)
+    for nid, t in job_tests(job).items():
+        if rerun_target(nid, suite) == want:
+            return t["outcome"]
+    return "absent"
+
+
 def compare(baselines: dict[tuple[str, str], dict[str, Any]], cand_jobs: list[dict[str, Any]],
             cand_meta: dict[str, Any], known: list[KnownIssue],
             reruns: dict[tuple[str, str], list[str | None]] | None = None,
@@ -243,6 +254,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         rr = ", ".join(runs.get("reruns") or []) or "-"
         lines.append(f"- runs: baseline {bl}; candidate {runs.get('candidate') or '-'}; re-runs {rr}")
     lines.append("")
+    lines += _bisect_lines(report.get("bisect"), s.get("patch_count"))
     if report.get("detail"):
         lines += ["```", report["detail"].rstrip(), "```", ""]
     rows = report.get("items") or []
@@ -275,6 +287,24 @@ def render_markdown(report: dict[str, Any]) -> str:
     if report.get("reports"):
         lines += ["## Files", ""] + [f"- {k}: {v}" for k, v in sorted(report["reports"].items())] + [""]
     return "\n".join(lines)
+
+
+def _bisect_lines(b: dict[str, Any] | None, total: Any) -> list[str]:
+    if not b:
+        return []
+    bad = b.get("first_bad")
+    lines = ["## First bad patch", ""]
+    if bad:
+        lines += [f"**patch {bad['index']}/{total}: {_cell(bad['subject'])}** (`{bad['commit'][:12]}`) breaks:", ""]
+        lines += [f"- `{_cell(t)}`" for t in bad["tests"]]
+    else:
+        lines.append(_cell(b.get("message") or "not found"))
+    lines += ["", f"Bisection: {b.get('builds', 0)} build(s) in {b.get('seconds', 0)}s, regressed tests only, "
+                  "on the hosts that regressed:", "", "| patch | commit | result | detail |", "|---|---|---|---|"]
+    for st in b.get("steps") or []:
+        detail = _cell(st["detail"])[:300]
+        lines.append(f"| {st['index']}/{total} | `{st['commit'][:12]}` | {st['result']} | {detail} |")
+    return lines + [""]
 
 
 def write_gate_files(out: Path, report: dict[str, Any]) -> dict[str, Path]:
