@@ -200,11 +200,7 @@ def fetch_debian_kernel(dest: Path | None = None, package: str = DEBIAN_KERNEL_P
             real = line.split(":", 1)[1].strip().strip("<>")
             break
     with tempfile.TemporaryDirectory(prefix="pmufarm-kernel-") as tmp:
-        os.chmod(tmp, 0o755)  # apt's _apt user downloads into it
-        dl = subprocess.run(["apt-get", "download", real], cwd=tmp, capture_output=True, text=True, check=False)
-        debs = list(Path(tmp).glob("*.deb"))
-        if dl.returncode != 0 or not debs:
-            raise GuestImageError(f"apt-get download {real} failed: {dl.stderr.strip()[-400:]}", missing="kernel")
+        debs = [apt_download(real, Path(tmp), missing="kernel")]
         extract = Path(tmp) / "x"
         extract.mkdir()
         with subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(debs[0])], stdout=subprocess.PIPE) as deb:
@@ -220,6 +216,19 @@ def fetch_debian_kernel(dest: Path | None = None, package: str = DEBIAN_KERNEL_P
         target.with_suffix(".tmp").replace(target)
         (dest / "SOURCE").write_text(f"{real} from Debian via apt-get download ({debs[0].name})\n")
     return target
+
+
+def apt_download(package: str, into: Path, missing: str) -> Path:
+    """``apt-get download PACKAGE`` into ``into`` (nothing is installed); the .deb's path."""
+    for tool in ("apt-get", "dpkg-deb"):
+        if not shutil.which(tool):
+            raise GuestImageError(f"fetching {package} needs {tool}", missing=tool)
+    os.chmod(into, 0o755)  # apt's _apt user downloads into it
+    dl = subprocess.run(["apt-get", "download", package], cwd=into, capture_output=True, text=True, check=False)
+    debs = sorted(into.glob(f"{package}_*.deb"))
+    if dl.returncode != 0 or not debs:
+        raise GuestImageError(f"apt-get download {package} failed: {dl.stderr.strip()[-400:]}", missing=missing)
+    return debs[-1]
 
 
 def _elf_has_pvh_note(data: bytes) -> bool:
