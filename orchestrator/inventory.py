@@ -10,7 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
-TABLE_FILES = {"microarch.yaml", "errata.yaml", "faults.yaml"}
+TABLE_FILES = {"microarch.yaml", "errata.yaml", "faults.yaml", "kvm.yaml"}
 
 
 class InventoryError(ValueError):

@@ -706,3 +706,19 @@ def test_live_cpuid_fallbacks(monkeypatch):
     assert facts["source"].startswith("/proc/cpuinfo (CPUID unreadable:")
     assert facts["cpu"]["model"] == int(_cpuinfo()["model"]) and facts["pmu"]["version"] is None
     assert facts["mediated_pmu"]["status"] == "unavailable"
+
+
+def test_kvm_table_rows_by_kernel_and_detection():
+    """inventory/kvm.yaml: 7.0 clamps the version to 2 and fixed counters to 3 (pmu.c
+    kvm_init_pmu_capability, kvm_host.h); the FC3 follow-up is recognised by KVM's supported CPUID."""
+    rows = tables.load_kvm()
+    assert rows[0]["since"] == "7.0" == tables.first_mediated_release()
+    assert tables.kvm_behaviour("7.0.0-rc1")["id"] == "linux-7.0"
+    assert tables.kvm_behaviour("7.3.2")["id"] == "linux-7.0"          # newest released row
+    assert tables.kvm_behaviour(None)["id"] == "linux-7.0"
+    seven = tables.kvm_behaviour("7.0.0", {"fixed_counters": 3})
+    assert (seven["version_clamp"], seven["max_fixed_counters"]["intel"]) == (2, 3)
+    fc3 = tables.kvm_behaviour("7.0.0", {"fixed_counters": 4})
+    assert fc3["id"] == "fc3-follow-up" and fc3["max_fixed_counters"]["intel"] == 4
+    for row in rows:
+        assert all(str(v) for k, v in row.items() if k.endswith("source")), row["id"]

@@ -43,7 +43,7 @@ RULES: tuple[Rule, ...] = (
     Rule("no_vendor_module", "no %s module: enable_mediated_pmu is not exposed (loaded vendor modules: %s)",
          True, "v6 33/44: module_param(enable_mediated_pmu) lives in vmx.c / svm.c"),
     Rule("mediated_param_absent",
-         "%s.enable_mediated_pmu is not exposed (kernel %s; mediated vPMU needs Linux 7.0+)", True,
+         "%s.enable_mediated_pmu is not exposed (kernel %s; mediated vPMU needs Linux %s+)", True,
          "v6 33/44 'Expose enable_mediated_pmu parameter to user space', first released in Linux 7.0"),
     Rule("mediated_param_off", "%s.enable_mediated_pmu=N", True,
          "v6 33/44: default N; KVM also forces it to N when the CPU does not qualify"),
@@ -121,6 +121,10 @@ def c_header() -> str:
         "#define PMUFARM_VERDICT_RULES_H",
         "",
     ]
+    from .tables import first_mediated_release
+
+    lines.append("/* inventory/kvm.yaml: the first kernel release with a mediated vPMU */")
+    lines.append(f"#define VR_FIRST_MEDIATED_RELEASE {_c_string(first_mediated_release())}")
     for r in RULES:
         lines.append(f"#define VR_{r.id.upper()} {_c_string(r.template)}")
         lines.append(f"#define VR_{r.id.upper()}_BLOCKS {int(r.blocks)}")

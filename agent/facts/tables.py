@@ -70,6 +70,53 @@ def load_errata() -> list[dict[str, Any]]:
     return rows
 
 
+KVM_FIELDS = {"id", "since", "detect", "source", "version_clamp", "max_gp_counters", "min_gp_counters",
+              "max_fixed_counters", "status_set_min_version", "global_ctrl_passthrough", "rdpmc_passthrough",
+              "emulated_insns_counted", "guest_pebs_lbr"}
+KVM_DETECTORS = ("kvm_fixed_counters_gt_3",)
+
+
+@functools.cache
+def load_kvm() -> list[dict[str, Any]]:
+    """``inventory/kvm.yaml``: KVM's mediated-vPMU behaviour per kernel, oldest first."""
+    rows = _load("kvm.yaml")
+    for row in rows:
+        missing = KVM_FIELDS - row.keys()
+        if missing:
+            raise ValueError(f"kvm.yaml row {row.get('id')!r} lacks {sorted(missing)}")
+        if row["detect"] is not None and row["detect"] not in KVM_DETECTORS:
+            raise ValueError(f"kvm.yaml row {row['id']!r}: unknown detect {row['detect']!r}")
+    return rows
+
+
+def _release_tuple(release: str | None) -> tuple[int, int] | None:
+    parts = (release or "").split(".")
+    try:
+        return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
+    except (IndexError, ValueError):
+        return None
+
+
+def first_mediated_release() -> str:
+    return str(load_kvm()[0]["since"])
+
+
+def kvm_behaviour(release: str | None, supported_pmu: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The kvm.yaml row for a kernel ``release`` (``uname -r``; unknown or unparsable = the newest
+    released row) and KVM's supported PMU (a ``detect`` row wins when its evidence is there)."""
+    rows = load_kvm()
+    sup = supported_pmu or {}
+    for row in reversed(rows):
+        if row["detect"] == "kvm_fixed_counters_gt_3" and (sup.get("fixed_counters") or 0) > 3:
+            return row
+    released = [r for r in rows if r["since"] is not None]
+    have = _release_tuple(release)
+    if have is None:
+        return released[-1]
+    fits = [r for r in released if _release_tuple(str(r["since"])) <= have]
+    return fits[-1] if fits else released[0]
+
+
 def row_models(row: dict[str, Any]) -> set[int]:
     """Every display model a microarch row covers."""
     models = set(row.get("models") or [])
@@ -177,5 +224,5 @@ def facts_from_row(row: dict[str, Any], model: int | None = None,
     return {"cpu": cpu, "pmu": pmu}
 
 
-__all__ = ["SYMPTOM_CLASSES", "facts_from_row", "inventory_dir", "load_errata",
-           "load_microarch", "lookup_uarch", "match_errata", "row_models", "uarch_by_id"]
+__all__ = ["SYMPTOM_CLASSES", "facts_from_row", "first_mediated_release", "inventory_dir", "kvm_behaviour",
+           "load_errata", "load_kvm", "load_microarch", "lookup_uarch", "match_errata", "row_models", "uarch_by_id"]

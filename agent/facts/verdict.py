@@ -5,7 +5,7 @@ The rules, their texts, their order and their upstream sources are one table,
 through a header generated from it. In table order:
 
 * live KVM state: ``/dev/kvm``, ``kvm.enable_pmu=Y``, the vendor module (kvm_intel / kvm_amd)
-  exposing ``enable_mediated_pmu=Y`` (Linux 7.0+, default N);
+  exposing ``enable_mediated_pmu=Y`` (default N; the first release comes from inventory/kvm.yaml);
 * the CPU (vendor table, agent/facts/vendors.py): Intel PMU v4+, PERF_CAPABILITIES full-width
   writes (only asked while the parameter is not Y: with Y KVM has checked it, finding 8), not
   hybrid; AMD PerfMonV2;
@@ -26,6 +26,7 @@ import os
 from typing import Any
 
 from .rules import text
+from .tables import first_mediated_release
 from .vendors import VENDORS
 
 
@@ -64,7 +65,8 @@ def mediated_verdict(facts: dict[str, Any]) -> dict[str, Any]:
         if v.kvm_module not in loaded:
             reasons.append(text("no_vendor_module", v.kvm_module, ", ".join(loaded) or "none"))
         elif kvm.get("enable_mediated_pmu") is None:
-            reasons.append(text("mediated_param_absent", v.kvm_module, kernel.get("release") or "unknown"))
+            reasons.append(text("mediated_param_absent", v.kvm_module, kernel.get("release") or "unknown",
+                                first_mediated_release()))
         elif not kvm["enable_mediated_pmu"]:
             reasons.append(text("mediated_param_off", v.kvm_module))
 

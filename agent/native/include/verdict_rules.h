@@ -4,6 +4,8 @@
 #ifndef PMUFARM_VERDICT_RULES_H
 #define PMUFARM_VERDICT_RULES_H
 
+/* inventory/kvm.yaml: the first kernel release with a mediated vPMU */
+#define VR_FIRST_MEDIATED_RELEASE "7.0"
 #define VR_KVM_UNKNOWN "KVM state unknown (facts not probed on a live host)"
 #define VR_KVM_UNKNOWN_BLOCKS 1
 #define VR_NO_DEV_KVM "/dev/kvm missing: KVM not present"
@@ -16,7 +18,7 @@
 #define VR_ENABLE_PMU_OFF_BLOCKS 1
 #define VR_NO_VENDOR_MODULE "no %s module: enable_mediated_pmu is not exposed (loaded vendor modules: %s)"
 #define VR_NO_VENDOR_MODULE_BLOCKS 1
-#define VR_MEDIATED_PARAM_ABSENT "%s.enable_mediated_pmu is not exposed (kernel %s; mediated vPMU needs Linux 7.0+)"
+#define VR_MEDIATED_PARAM_ABSENT "%s.enable_mediated_pmu is not exposed (kernel %s; mediated vPMU needs Linux %s+)"
 #define VR_MEDIATED_PARAM_ABSENT_BLOCKS 1
 #define VR_MEDIATED_PARAM_OFF "%s.enable_mediated_pmu=N"
 #define VR_MEDIATED_PARAM_OFF_BLOCKS 1

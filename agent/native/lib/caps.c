@@ -186,7 +186,8 @@ static void verdict(struct host_caps *c)
 		if (!c->vendor_module_loaded)
 			RULE(c, VR_NO_VENDOR_MODULE, l->kvm_module, c->kvm_modules[0] ? c->kvm_modules : "none");
 		else if (c->enable_mediated_pmu < 0)
-			RULE(c, VR_MEDIATED_PARAM_ABSENT, l->kvm_module, c->release);
+			RULE(c, VR_MEDIATED_PARAM_ABSENT, l->kvm_module, c->release,
+			     VR_FIRST_MEDIATED_RELEASE);
 		else if (c->enable_mediated_pmu == 0)
 			RULE(c, VR_MEDIATED_PARAM_OFF, l->kvm_module);
 	}
