@@ -82,6 +82,7 @@ MIN_KEYS = {"min_pmu_version": "pmu_version", "min_gp_counters": "gp_counters",
 ERRATUM_RE = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9_.+-]*):\s")
 
 _STATE = pytest.StashKey["PmufarmState"]()
+DETAILS_LIMIT = 8000  # characters of a failure's traceback kept for the JUnit body
 
 
 # --------------------------------------------------------------------------------------------------
@@ -143,6 +144,8 @@ class Row:
     duration: float = 0.0
     message: str = ""
     erratum: str | None = None
+    details: str = ""            # a failure's assertion and traceback (JUnit failure body)
+    subject: bool = True         # False for ``harness`` tests: their pass alone is not a verdict
 
 
 @dataclass
@@ -156,6 +159,7 @@ class PmufarmState:
     driver_error: str | None = None
     cache: dict[tuple, ProbeResult] = field(default_factory=dict)
     rows: dict[str, Row] = field(default_factory=dict)
+    harness: set[str] = field(default_factory=set)  # node ids marked ``harness``
     started: float = field(default_factory=time.time)
 
     @property
@@ -246,6 +250,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "errata(*symptom_classes): symptom classes (contracts §6) that may bend this test; "
         "a deviation they explain on a host with such an erratum is an xfail carrying the erratum ID")
+    config.addinivalue_line(
+        "markers", "harness: checks the VM machinery, not the suite's subject (the mediated vPMU); a run "
+        "where only harness tests ran is reported 'not tested here', never PASS")
     if _STATE in config.stash or config.option.help or config.option.markers:
         return
     host, facts = _load_host(config)
@@ -287,6 +294,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if _STATE not in config.stash:
         return
     st = _state(config)
+    st.harness = {item.nodeid for item in items if item.get_closest_marker("harness")}
     for item in items:
         for mark in item.iter_markers("errata"):
             unknown = [s for s in mark.args if s not in SYMPTOMS]
@@ -358,7 +366,8 @@ def erratum_of(reason: str) -> str | None:
 def _row(st: PmufarmState, nodeid: str) -> Row:
     if nodeid not in st.rows:
         classname, name = _names(nodeid)
-        st.rows[nodeid] = Row(nodeid=nodeid, suite=_suite_of(nodeid), name=name, classname=classname)
+        st.rows[nodeid] = Row(nodeid=nodeid, suite=_suite_of(nodeid), name=name, classname=classname,
+                              subject=nodeid not in st.harness)
     return st.rows[nodeid]
 
 
@@ -393,6 +402,8 @@ class _Recorder:
         elif report.when == "teardown" and report.failed and row.outcome in ("passed", "skipped", "xfailed"):
             row.outcome, row.message = "error", "teardown: " + _failure_message(report)
         row.erratum = erratum_of(row.message) if row.outcome in ("xfailed", "xpassed") else None
+        if report.failed and not row.details:  # the assertion and traceback, as pytest printed them
+            row.details = report.longreprtext[-DETAILS_LIMIT:]
 
     def pytest_collectreport(self, report: pytest.CollectReport) -> None:
         if report.failed:
@@ -400,6 +411,7 @@ class _Recorder:
             lines = [ln.strip() for ln in str(report.longrepr or "").splitlines() if ln.strip()]
             last = lines[-1].removeprefix("E").strip() if lines else ""
             row.outcome, row.message = "error", f"collection: {last or _failure_message(report)}"
+            row.details = str(report.longrepr or "")[-DETAILS_LIMIT:]
 
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         path = self.st.results_path

@@ -150,11 +150,17 @@ def _write_and_summarise(ctx: Ctx, run_id: str) -> int:
         paths, jobs = write_run_reports(ctx.store, run_id, ctx.reports_dir)
     except RunError as exc:
         fail(exc.code, str(exc))
+    from orchestrator.reports.naming import not_tested_reason
+    from orchestrator.reports.summary import verdict
+
     counts = _counts([t for j in jobs for t in j["tests"]])
-    click.echo(f"run {run_id}: " + (", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no test results"))
+    click.echo(f"run {run_id}: {verdict(jobs)[0]}: "
+               + (", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no test results"))
     for j in jobs:
         if j["status"] in ("infra_error", "timeout", "error"):
             click.echo(f"  {j['host']} {j['suite']}: {j['status']}: {(j['log_tail'] or '').strip()[:200]}")
+        elif why := not_tested_reason(j):
+            click.echo(f"  {j['host']} {j['suite']}: not tested here: {why}")
     click.echo(f"reports: {paths.get('summary', ctx.reports_dir / run_id)}")
     return job_exit_code(jobs)
 

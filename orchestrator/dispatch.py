@@ -305,7 +305,10 @@ def describe(p: Pending) -> str:
     tail = (p.progress.get("log_tail") or "").strip()
     if p.status in ("infra_error", "timeout", "error") and not counts and tail:
         detail = tail.splitlines()[0][:120]
-    return f"{p.status}" + (f" ({detail})" if detail else "")
+    from orchestrator.reports.naming import NOT_TESTED, not_tested_reason
+
+    untested = not_tested_reason({"status": p.status, "tests": p.progress.get("tests", [])})
+    return (NOT_TESTED if untested else f"{p.status}") + (f" ({detail})" if detail else "")
 
 
 def _line(text: str) -> None:

@@ -15,6 +15,8 @@ from orchestrator.inventory import Host
 from orchestrator.store import Store
 
 EXIT_OK, EXIT_FAIL, EXIT_INPUT, EXIT_INFRA = 0, 1, 2, 3
+# Nothing of the suites' subject ran (every such test skipped for a missing fact): not a pass.
+EXIT_NOT_TESTED = 4
 
 
 class RunError(RuntimeError):
@@ -49,6 +51,10 @@ def job_exit_code(jobs: list[dict[str, Any]]) -> int:
         return EXIT_FAIL
     if not jobs or statuses & {"infra_error", "timeout", "queued", "running"}:
         return EXIT_INFRA
+    from orchestrator.reports.naming import not_tested_reason
+
+    if all(not_tested_reason(j) for j in jobs):
+        return EXIT_NOT_TESTED
     return EXIT_OK
 
 

@@ -36,7 +36,10 @@ HOST_COLUMNS = {"state": "TEXT NOT NULL DEFAULT 'unknown'", "infra_streak": "INT
 HOST_STATES = ("unknown", "good", "bad", "quarantined", "maintenance")
 
 FINAL_JOB_STATES = {"passed", "failed", "error", "infra_error", "timeout", "no_tests"}
-RESULT_KEYS = ("nodeid", "suite", "name", "classname", "outcome", "duration", "message", "erratum")
+RESULT_KEYS = ("nodeid", "suite", "name", "classname", "outcome", "duration", "message", "erratum", "details",
+               "subject")
+# details: a failure's traceback (JUnit body); subject: 0 for harness tests (their pass alone is no verdict).
+RESULT_COLUMNS = {"details": "TEXT", "subject": "INTEGER"}
 
 
 def now() -> str:
@@ -56,6 +59,10 @@ class Store:
         for col, decl in HOST_COLUMNS.items():
             if col not in have:
                 self.db.execute(f"ALTER TABLE hosts ADD COLUMN {col} {decl}")
+        have = {r["name"] for r in self.db.execute("PRAGMA table_info(results)")}
+        for col, decl in RESULT_COLUMNS.items():
+            if col not in have:
+                self.db.execute(f"ALTER TABLE results ADD COLUMN {col} {decl}")
 
     def close(self) -> None:
         self.db.close()

@@ -132,3 +132,18 @@ def test_progress_on_a_tty_uses_rich(tmp_path: Path, farm_env: dict[str, str]) -
     assert proc.returncode == 0, text
     assert "\x1b[" in text, "a TTY gets rich's live display"
     assert "3 passed" in text
+
+
+def test_only_harness_ran_is_not_tested_exit_4(tmp_path: Path, farm_env: dict[str, str]) -> None:
+    """Every subject test skipped for a missing fact: console, summary, JUnit and exit code say NOT TESTED."""
+    r = run_cli("--reports-dir", str(tmp_path / "r"), "submit", "suites/untested", "--inventory",
+                str(_one_host(tmp_path)), env=farm_env)
+    assert r.returncode == 4, r.stdout + r.stderr
+    # The reason is the mediated verdict's when this host lacks it, else the skip reason.
+    assert "NOT TESTED" in r.stdout and "solo untested: not tested here: " in r.stdout, r.stdout
+    assert "mediated vPMU" in r.stdout or "requires vendor=nosuchvendor" in r.stdout, r.stdout
+    run_id = _db(farm_env, "SELECT id FROM runs")[0][0]
+    summary = (tmp_path / "r" / run_id / "summary.md").read_text()
+    assert summary.startswith(f"# pmufarm run {run_id}: NOT TESTED")
+    junit = "".join(p.read_text() for p in (tmp_path / "r" / run_id / "junit").glob("*.xml"))
+    assert '<property name="tested" value="false"' in junit and "not_tested_reason" in junit

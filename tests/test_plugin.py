@@ -316,7 +316,7 @@ def test_results_json_shape_and_junit(tmp_path: Path) -> None:
     assert "pmufarm: host=sim-x uarch=sierraforest vendor=intel family=6 model=0xaf driver=model" in proc.stdout
     assert {"facts", "driver", "tests", "host", "simulated"} <= doc.keys()
     assert doc["facts"]["cpu"]["uarch"] == "sierraforest" and doc["driver"] == "model" and doc["host"] == "sim-x"
-    keys = {"nodeid", "suite", "name", "classname", "outcome", "duration", "message", "erratum"}
+    keys = {"nodeid", "suite", "name", "classname", "outcome", "duration", "message", "erratum", "details", "subject"}
     for row in doc["tests"]:
         assert set(row) == keys, row
         assert row["suite"] == "isolation"
@@ -329,6 +329,9 @@ def test_results_json_shape_and_junit(tmp_path: Path) -> None:
     assert t["test_param[one]"]["outcome"] == "passed"
     assert t["test_param[two]"]["outcome"] == "failed"
     assert t["test_param[two]"]["message"] == "AssertionError: n is 2"
+    # The failure keeps its assertion and traceback for the JUnit body; passes carry none.
+    assert "n is 2" in t["test_param[two]"]["details"] and "test_sample.py" in t["test_param[two]"]["details"]
+    assert t["test_pass"]["details"] == "" and t["test_pass"]["subject"] is True
     assert t["test_skip"]["message"] == "not today"
     assert t["test_static_xpass"]["outcome"] == "xpassed" and t["test_static_xpass"]["erratum"] == "AAJ80"
     assert t["test_setup_error"]["outcome"] == "error" and "setup broke" in t["test_setup_error"]["message"]

@@ -480,3 +480,35 @@ def test_html_renders_in_chromium(reports, tmp_path):
     assert shot.returncode == 0 and png.exists() and png.stat().st_size > 10_000, shot.stderr[-2000:]
     keep = Path("/tmp/pmufarm-matrix.png")
     shutil.copy(png, keep)  # for a human look
+
+
+# ------------------------------------------------------------------ not tested here
+
+def test_not_tested_when_only_harness_tests_ran(tmp_path):
+    """A host without the mediated vPMU passes only the harness self-test: NOT TESTED, never PASS."""
+    from orchestrator.reports.naming import not_tested_reason
+    from orchestrator.reports.summary import verdict
+    from orchestrator.runner import EXIT_NOT_TESTED, EXIT_OK, job_exit_code
+
+    no_pmu = facts("amd", "zen5", "Zen 5", 0x1A, 0x11, simulated=False, mediated=False)
+    selftest = {**t("suites/isolation/test_selftest.py::test_selftest_no_guest_exceptions", "passed"), "subject": 0}
+    skipped = [t(f"{ISO}[gp{i}]", "skipped", "requires mediated_pmu=True: host has mediated_pmu=False")
+               for i in range(3)]
+    untested = job("h1", "isolation", no_pmu, [selftest, *skipped])
+    assert not_tested_reason(untested) == "mediated vPMU unavailable: kvm_intel.enable_mediated_pmu=N"
+    assert verdict([untested])[0] == "NOT TESTED" and job_exit_code([untested]) == EXIT_NOT_TESTED
+    # One subject test that ran (even an xfail) makes it tested; a stored subject of None counts as subject.
+    ran = job("h2", "isolation", SPR, [selftest, {**t(f"{ISO}[gp9]", "xfailed", XFAIL_MSG), "subject": None}])
+    assert not_tested_reason(ran) is None
+    assert verdict([untested, ran])[0] == "PASS" and job_exit_code([untested, ran]) == EXIT_OK
+    # Infra and failures keep their precedence over "not tested".
+    assert job_exit_code([untested, job("h3", "isolation", SPR, [t(ISO, "failed", FAIL_MSG)])]) == 1
+    out = tmp_path / "r"
+    write_reports(RUN, [untested, ran], out)
+    summary = (out / "summary.md").read_text()
+    assert "## Not tested here (1 job)" in summary and "h1 / isolation: mediated vPMU unavailable" in summary
+    xml = "".join(p.read_text() for p in (out / "junit").glob("*.xml"))
+    assert '<property name="tested" value="false"' in xml and '<property name="tested" value="true"' in xml
+    # With facts that say mediated is available, the reason is the commonest skip reason.
+    avail = job("h4", "isolation", SPR, [selftest, t(UNEXP, "skipped", SKIP_MSG)])
+    assert not_tested_reason(avail) == SKIP_MSG

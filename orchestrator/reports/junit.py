@@ -53,6 +53,7 @@ from .naming import (
     kernel_release,
     latest_attempts,
     mediated_status,
+    not_tested_reason,
     parse_test,
     rfc3339,
     xml_clean,
@@ -107,6 +108,10 @@ def suite_properties(run: Mapping[str, Any], job: Mapping[str, Any], cpu: CpuId)
         "attempt": job.get("attempt"),
         "job_status": job.get("status"),
         "exit_code": job.get("exit_code"),
+        # false when no test of the suite's subject ran here (all skipped for a missing fact): not a pass
+        "tested": "false" if (untested := not_tested_reason(job)) else (
+            "true" if job.get("status") in ("passed", "failed") else None),
+        "not_tested_reason": untested,
     }
     # The facts every consumer may rely on are always present ("unknown" when unknown);
     # the extras only when known.

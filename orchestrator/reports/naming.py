@@ -273,6 +273,42 @@ def mediated_status(job: Mapping[str, Any]) -> str:
     return str(((job.get("facts") or {}).get("mediated_pmu") or {}).get("status") or "unknown")
 
 
+NOT_TESTED = "not tested here"
+# What a subject test must have done for a job to count as tested: it ran and judged.
+_JUDGED = (PASSED, FAILED, ERROR, XFAILED, XPASSED)
+
+
+def is_subject(test: Mapping[str, Any]) -> bool:
+    """A test of the suite's subject; ``harness`` tests (agent/plugin.py) say ``subject`` false/0."""
+    return test.get("subject") not in (0, False)
+
+
+def not_tested_reason(job: Mapping[str, Any]) -> str | None:
+    """Why a finished job tested nothing of its suite's subject, or None when it did (or did not finish).
+
+    A job is "not tested here" when it ended passed/no_tests and none of its subject tests ran: every
+    one was skipped for a missing fact (a host without the mediated vPMU passes only the harness
+    self-test). The reason is the mediated verdict's own, else the most common skip reason.
+    """
+    if job.get("status") not in ("passed", "no_tests"):
+        return None
+    tests = job.get("tests") or ()
+    if any(is_subject(t) and t.get("outcome") in _JUDGED for t in tests):
+        return None
+    med = (job.get("facts") or {}).get("mediated_pmu") or {}
+    reasons = [str(r) for r in med.get("reasons") or () if r]
+    if med.get("status") and med.get("status") != "available":
+        return f"mediated vPMU {med['status']}" + (f": {'; '.join(reasons)}" if reasons else "")
+    skips: dict[str, int] = {}
+    for t in tests:
+        if is_subject(t) and t.get("outcome") == SKIPPED:
+            why = first_line(t.get("message"), 300) or "skipped"
+            skips[why] = skips.get(why, 0) + 1
+    if skips:
+        return max(skips, key=skips.__getitem__)
+    return "no test of the suite's subject was collected"
+
+
 def driver_of(job: Mapping[str, Any]) -> str:
     facts = job.get("facts") or {}
     if job.get("driver"):

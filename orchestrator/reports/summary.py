@@ -3,7 +3,9 @@
 Verdict (first line after the title):
     FAIL  any test failed or errored (or a job errored without results: the suite itself broke);
     INFRA no failure, but some job ended infra_error/timeout (or nothing ran at all): inconclusive;
-    PASS  otherwise (skips and erratum xfails do not change it).
+    NOT TESTED  no job tested its suite's subject: every subject test was skipped for a missing fact
+          (``naming.not_tested_reason``; the harness self-test passing alone is not a PASS);
+    PASS  otherwise (skips and erratum xfails do not change it); jobs that tested nothing are listed.
 Failures are grouped by test (one line lists every host it failed on). With a ``baseline``
 (result_key -> outcome, see ``naming.result_key``/``baseline_from_jobs``) a failure is NEW when any of
 its hosts did not fail/error in the baseline (a key missing from the baseline counts as new); new
@@ -31,6 +33,7 @@ from .naming import (
     job_cause,
     job_cpu,
     latest_attempts,
+    not_tested_reason,
     parse_test,
     result_key,
 )
@@ -60,6 +63,9 @@ def verdict(jobs: Iterable[Mapping[str, Any]]) -> tuple[str, dict[str, int]]:
         return "FAIL", dict(counts)
     if counts["infra"] or not jobs:
         return "INFRA", dict(counts)
+    counts["not_tested"] = sum(1 for j in jobs if not_tested_reason(j))
+    if counts["not_tested"] == len(jobs):
+        return "NOT TESTED", dict(counts)
     return "PASS", dict(counts)
 
 
@@ -170,6 +176,16 @@ def render_summary(run: Mapping[str, Any], jobs: Iterable[Mapping[str, Any]],
             lines.append(f"- {j.get('host')} / {j.get('suite')}: {_md(_infra_cause(j))}")
         if len(infra) > MAX_INFRA:
             lines.append(f"- … {len(infra) - MAX_INFRA} more: see JUnit `[job]` cases")
+        lines.append("")
+
+    untested = [(j, why) for j in jobs if (why := not_tested_reason(j))]
+    if untested:
+        lines.append(f"## Not tested here ({len(untested)} job{'s' if len(untested) != 1 else ''}): "
+                     "no test of the suite's subject ran")
+        for j, why in sorted(untested, key=lambda jw: (str(jw[0].get("host")), str(jw[0].get("suite"))))[:MAX_INFRA]:
+            lines.append(f"- {j.get('host')} / {j.get('suite')}: {_md(why)}")
+        if len(untested) > MAX_INFRA:
+            lines.append(f"- … {len(untested) - MAX_INFRA} more: see the JUnit property `tested`")
         lines.append("")
 
     if links:
