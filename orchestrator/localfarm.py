@@ -182,7 +182,10 @@ class LocalFarm:
         self.state_dir = state_dir
         self.kvm_hosts, self.model_hosts = kvm_hosts, model_hosts
         self.sim_concurrency = sim_concurrency or min(2, os.cpu_count() or 1)
-        self.redis = RedisServer(state_dir)
+        # Each local run owns its broker: a directory per orchestrator process, so two submits at once
+        # never share (or unlink) one socket. Short enough for a unix socket path.
+        self.farm_dir = state_dir / "farms" / str(os.getpid())
+        self.redis = RedisServer(self.farm_dir)
         self.workers: list[Worker] = []
 
     def __enter__(self) -> LocalFarm:
@@ -203,6 +206,7 @@ class LocalFarm:
         for w in self.workers:
             w.stop(timeout=5 if cold else 15, cold=cold)
         self.redis.stop()
+        shutil.rmtree(self.farm_dir, ignore_errors=True)
 
     def __exit__(self, *exc: object) -> None:
         self.close()

@@ -147,3 +147,15 @@ def test_only_harness_ran_is_not_tested_exit_4(tmp_path: Path, farm_env: dict[st
     assert summary.startswith(f"# pmufarm run {run_id}: NOT TESTED")
     junit = "".join(p.read_text() for p in (tmp_path / "r" / run_id / "junit").glob("*.xml"))
     assert '<property name="tested" value="false"' in junit and "not_tested_reason" in junit
+
+
+def test_two_local_submits_at_once_both_finish(tmp_path: Path, farm_env: dict[str, str]) -> None:
+    """Same state directory, same host: each submit starts its own private Redis and worker."""
+    inv = _one_host(tmp_path)
+    procs = [_submit(tmp_path / str(i), farm_env, "suites/smoke", "--inventory", str(inv),
+                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert _db(farm_env, "SELECT status FROM runs") == [("done",), ("done",)], outs
+    assert _db(farm_env, "SELECT COUNT(*) FROM jobs WHERE suite='smoke' AND status='passed'") == [(2,)]
+    assert not list((Path(farm_env["FARM_STATE_DIR"]) / "farms").iterdir()), "private brokers left behind"
