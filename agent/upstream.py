@@ -183,6 +183,13 @@ def _make(args: list[str], cwd: Path, timeout: float = 1800) -> subprocess.Compl
                           timeout=timeout, check=False)
 
 
+def _make_failure(r: subprocess.CompletedProcess[str]) -> str:
+    """make's first ``error`` line first (reports show one line), then the tail of its output."""
+    text = (r.stderr or r.stdout or "").strip()
+    first = next((ln.strip() for ln in text.splitlines() if "error" in ln.lower()), f"exit status {r.returncode}")
+    return f"{first}\n{text[-1500:]}"
+
+
 def build_pmu_selftests(tree: Path | str) -> SelftestBuild:
     """Build the PMU selftests present in ``tree`` into the cache (incremental), or raise
     :class:`UpstreamError` with the tail of make's output."""
@@ -198,14 +205,14 @@ def build_pmu_selftests(tree: Path | str) -> SelftestBuild:
         (out / "tree").write_text(f"{tree.resolve()}\n")
         headers = _make([f"O={out / 'kbuild'}", "headers"], cwd=tree)
         if headers.returncode != 0:
-            raise UpstreamError(f"{tree}: make headers failed: {(headers.stderr or headers.stdout)[-1500:]}")
+            raise UpstreamError(f"{tree}: make headers failed: {_make_failure(headers)}")
         targets = [str(out / "sel" / arch / t) for t, ok in present.items() if ok]
         r = _make([f"OUTPUT={out / 'sel'}", f"KHDR_INCLUDES=-isystem {out / 'kbuild' / 'usr' / 'include'}",
                    *targets], cwd=kvm)
         build.log = (r.stdout + r.stderr)[-3000:]
         if r.returncode != 0:
             raise UpstreamError(f"{kvm}: make {' '.join(Path(t).name for t in targets)} failed: "
-                                f"{(r.stderr or r.stdout)[-1500:]}")
+                                f"{_make_failure(r)}")
     build.programs = {Path(t).name: Path(t) for t in targets}
     build.seconds = time.monotonic() - start
     return build

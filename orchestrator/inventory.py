@@ -36,6 +36,9 @@ class Host(BaseModel):
     model: ModelSpec | None = None
     provision: Literal["none", "kexec", "reboot"] = "none"
     cpu: dict[str, Any] | None = None
+    # upstream suites (agent/upstream.py): a kernel tree for suites/kselftest_kvm, a kvm-unit-tests checkout
+    kernel_tree: str | None = None
+    kvm_unit_tests: str | None = None
     source: str = Field(default="", exclude=True)
 
     def entry(self) -> dict[str, Any]:

@@ -47,8 +47,9 @@ def _collect(config: pytest.Config) -> list[ktap.TapResult]:
     except upstream.UpstreamError as exc:
         name = "(build)" if path is not None or "linux-source" not in str(exc) else "(kernel tree)"
         outcome = "error" if path is not None else "skipped"
-        results.append(ktap.TapResult(name, outcome, f"{exc} (tree from {where}; point the suite at a "
-                                      "tree with --kernel-tree or PMUFARM_KERNEL_TREE)"))
+        # the first line is what reports show: where the tree came from, then what went wrong
+        results.append(ktap.TapResult(name, outcome, f"kernel tree from {where} (set --kernel-tree or "
+                                      f"PMUFARM_KERNEL_TREE): {exc}"))
         config.stash[_RESULTS] = results
         return results
     for name in build.absent:
