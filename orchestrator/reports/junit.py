@@ -1,27 +1,34 @@
 """JUnit XML: one file per CPU model and errata set, one testsuite per host and suite.
 
-Written with junit-xml (the project's dependency, ``TestSuite.build_xml_doc``) and post-processed
-with ElementTree, because junit-xml alone gets three things wrong for a farm
-(shared/reference/stack.md §4):
+Valid against the strict Ant/Jenkins JUnit schema (windyroad JUnit.xsd, shared/reference/junit/;
+``tests/test_reports.py`` validates every file with lxml). That schema is what decides the shape:
 
-* it silently drops a ``<failure>``/``<error>`` with neither message nor output, so the case reads
-  as passed: every failure here carries a message (``"failed (no message)"`` plus the node id and
-  the job's log tail as output when the result had none);
-* it always writes ``<skipped type="skipped">``: xfails are rewritten to
-  ``<skipped type="xfail" message="SRF7: ...">`` (pytest's own convention is ``pytest.xfail``),
-  plain skips to ``type="skip"`` with the skip reason as message;
-* its ``<testsuites>`` root sums tests/failures/errors/time but not ``skipped``: the root is built
-  here with all four totals computed from the results.
+* ``<testsuites>`` carries no attributes; each ``<testsuite>`` has name, package, id (0-based within
+  the file), hostname, timestamp (UTC, seconds, no zone: the schema's pattern), tests, failures,
+  errors, skipped and time, then ``<properties>``, the ``<testcase>``s, ``<system-out>`` and
+  ``<system-err>`` (both required, in that order);
+* a ``<testcase>`` has name, classname and time only (no ``file``), and at most one of
+  ``<failure>``/``<error>``/``<skipped>``; ``<skipped>`` takes only a message, so an erratum xfail
+  says so in it: ``message="xfail: SRF7: ..."``; a plain skip's message is its reason.
+
+Neither junit-xml (``testcase@file``, ``testsuite@disabled``, totals on the root) nor pytest's own
+``--junitxml`` (no package/id, timestamps with fractions and a zone, ``skipped@type``) produce that,
+and the agent's pytest file lives on the farm host anyway; so the document is built here with
+ElementTree from the stored results.
+
+Every failure carries a message and, as its body, the assertion and the traceback pytest printed
+(the result's ``details``); a failure with no message at all says ``"failed (no message)"`` with the
+job's log tail as body, so it can never read as passed.
 
 Layout for CI consumers: GitLab ignores suite names and properties and shows ``classname`` as the
 suite, so the host goes into ``classname = <host>.<suite>.<module>[.<Class>]`` (dots in a host
 name become ``_``). Each ``<testsuite name="<host>/<suite>">`` carries the host facts as
 properties (host, vendor, uarch, family, model, stepping, microcode, kernel, mediated, simulated,
-driver, errata and a few more). A job that ended ``infra_error``/``timeout`` (or ``error`` with
-no test results) adds one ``<error type="<status>">`` testcase named ``[job] <status>`` whose
-message states the cause and whose text is the log tail; tests that did report before a timeout
-are kept. A ``no_tests`` job becomes one ``<skipped type="no_tests">`` case, so an empty
-suite is visible rather than missing.
+driver, errata, tested and a few more). A job that ended ``infra_error``/``timeout`` (or ``error``
+with no test results) adds one ``<error type="<status>">`` testcase named ``[job] <status>`` whose
+message states the cause and whose text is the log tail; tests that did report before a timeout are
+kept, and the test that hung gets its own ``<error type="timeout">``. A ``no_tests`` job becomes one
+skipped case, so an empty suite is visible rather than missing.
 """
 
 from __future__ import annotations
@@ -30,10 +37,9 @@ import os
 import xml.etree.ElementTree as ET
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-
-from junit_xml import TestCase, TestSuite
 
 from .naming import (
     ERROR,
@@ -123,63 +129,87 @@ def _host_token(host: str) -> str:
     return (host or "unknown").replace(".", "_")
 
 
-def _cases_for_job(job: Mapping[str, Any]) -> tuple[list[TestCase], list[str | None], dict[str, int]]:
-    """junit-xml cases, the <skipped> type each needs, and the counts (tests/failures/errors/skipped)."""
+def _timestamp(*values: Any) -> str:
+    """The first parseable value as the schema wants it: UTC, whole seconds, no zone."""
+    for value in values:
+        stamp = rfc3339(value)
+        if stamp:
+            dt = datetime.fromisoformat(stamp).astimezone(UTC)
+            return dt.strftime("%Y-%m-%dT%H:%M:%S")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def _case(name: str, classname: str, duration: float | None) -> ET.Element:
+    return ET.Element("testcase", {"name": xml_clean(name) or "unknown", "classname": xml_clean(classname),
+                                   "time": f"{duration or 0.0:.3f}"})
+
+
+def _result(case: ET.Element, tag: str, message: str, body: str | None, kind: str | None = None) -> None:
+    attrs = {"message": xml_clean(message).strip()}
+    if kind is not None:
+        attrs["type"] = kind  # required on <failure>/<error>, not allowed on <skipped>
+    el = ET.SubElement(case, tag, attrs)
+    if body:
+        el.text = xml_clean(body)
+
+
+def _body(test: Mapping[str, Any]) -> str:
+    """The message, then the assertion and traceback as pytest printed them."""
+    message, details = test.get("message") or "", test.get("details") or ""
+    return f"{message}\n\n{details}" if details and message and message not in details else (details or message)
+
+
+def _cases_for_job(job: Mapping[str, Any]) -> tuple[list[ET.Element], dict[str, Any], list[str]]:
+    """<testcase> elements, the counts (tests/failures/errors/skipped/time) and lines for system-out."""
     host = job.get("host") or "unknown"
     suite = job.get("suite") or "unknown"
     prefix = f"{_host_token(host)}.{suite}."
-    cases: list[TestCase] = []
-    skip_types: list[str | None] = []
-    n = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0, "time": 0.0}
+    cases: list[ET.Element] = []
+    out: list[str] = []
+    n: dict[str, Any] = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0, "time": 0.0}
     tail = None
     for t in job.get("tests") or ():
         tn = parse_test(t)
-        classname = prefix + tn.module + (f".{tn.cls}" if tn.cls else "")
         duration = t.get("duration") or None
-        case = TestCase(xml_clean(tn.name), classname=xml_clean(classname), elapsed_sec=duration,
-                        file=tn.path or None)
+        case = _case(tn.name, prefix + tn.module + (f".{tn.cls}" if tn.cls else ""), duration)
         outcome = t.get("outcome")
-        message = xml_clean(t.get("message") or "")
-        skip_type = None
+        message = t.get("message") or ""
         if outcome == FAILED:
             if message.strip():
-                case.add_failure_info(first_line(message), message, "failure")
+                _result(case, "failure", first_line(message), _body(t), "failure")
             else:
                 if tail is None:
-                    tail = xml_clean((job.get("log_tail") or "")[-_TAIL_LIMIT:])
-                case.add_failure_info(NO_MESSAGE, f"{t.get('nodeid')} on {host}: the result carried no "
-                                      f"message.\n--- job log tail ---\n{tail or '(empty)'}", "failure")
+                    tail = (job.get("log_tail") or "")[-_TAIL_LIMIT:]
+                _result(case, "failure", NO_MESSAGE, f"{t.get('nodeid')} on {host}: the result carried no "
+                        f"message.\n{t.get('details') or ''}\n--- job log tail ---\n{tail or '(empty)'}", "failure")
             n["failures"] += 1
         elif outcome == ERROR:
-            case.add_error_info(first_line(message) or "error (no message)",
-                                message or f"{t.get('nodeid')} on {host}: error without message", "error")
+            _result(case, "error", first_line(message) or "error (no message)",
+                    _body(t) or f"{t.get('nodeid')} on {host}: error without message", "error")
+            n["errors"] += 1
+        elif outcome == HUNG:
+            _result(case, "error", first_line(message) or "hung", message or None, HUNG)
             n["errors"] += 1
         elif outcome == XFAILED:
             erratum = erratum_of(t)
             text = message or (f"{erratum}: expected failure" if erratum else "expected failure")
             if erratum and not text.startswith(erratum):
                 text = f"{erratum}: {text}"
-            case.add_skipped_info(first_line(text, 500), message or None)
-            skip_type = "xfail"
+            _result(case, "skipped", "xfail: " + first_line(text, 500), message or None)
             n["skipped"] += 1
         elif outcome == SKIPPED:
-            case.add_skipped_info(first_line(message, 500) or "skipped", message or None)
-            skip_type = "skip"
+            _result(case, "skipped", first_line(message, 500) or "skipped", message or None)
             n["skipped"] += 1
         elif outcome == XPASSED:
             # A non-strict XPASS is a pass for JUnit; say which erratum did not show.
             erratum = erratum_of(t)
-            case.stdout = f"XPASS: erratum {erratum} did not manifest" if erratum else "XPASS"
-        elif outcome == HUNG:
-            case.add_error_info(first_line(message) or "hung", message or None, HUNG)
-            n["errors"] += 1
+            out.append(f"XPASS {tn.name}: erratum {erratum} did not manifest" if erratum else f"XPASS {tn.name}")
         elif outcome != "passed":
-            case.add_error_info(f"unknown outcome {outcome!r}", message or None, "unknown_outcome")
+            _result(case, "error", f"unknown outcome {outcome!r}", message or None, "unknown_outcome")
             n["errors"] += 1
         n["tests"] += 1
         n["time"] += duration or 0.0
         cases.append(case)
-        skip_types.append(skip_type)
 
     status = job.get("status")
     has_tests = bool(cases)
@@ -187,21 +217,19 @@ def _cases_for_job(job: Mapping[str, Any]) -> tuple[list[TestCase], list[str | N
     if hung:
         pass  # the hung test's own <error type="timeout"> already says it
     elif status in ("infra_error", "timeout") or (status in NO_VERDICT_STATUSES and not has_tests):
-        case = TestCase(f"[job] {status}", classname=f"{prefix}job")
-        out = xml_clean((job.get("log_tail") or "")[-_TAIL_LIMIT:]) or "(no log output)"
-        case.add_error_info(xml_clean(job_cause(job)), out, str(status))
+        case = _case(f"[job] {status}", f"{prefix}job", None)
+        _result(case, "error", job_cause(job), (job.get("log_tail") or "")[-_TAIL_LIMIT:] or "(no log output)",
+                str(status))
         cases.append(case)
-        skip_types.append(None)
         n["tests"] += 1
         n["errors"] += 1
     elif status == "no_tests" and not has_tests:
-        case = TestCase("[job] no_tests", classname=f"{prefix}job")
-        case.add_skipped_info("no tests collected", xml_clean(job.get("log_tail") or "") or None)
+        case = _case("[job] no_tests", f"{prefix}job", None)
+        _result(case, "skipped", "no tests collected", job.get("log_tail") or None)
         cases.append(case)
-        skip_types.append("no_tests")
         n["tests"] += 1
         n["skipped"] += 1
-    return cases, skip_types, n
+    return cases, n, out
 
 
 def build_junit_files(run: Mapping[str, Any], jobs: Iterable[Mapping[str, Any]]
@@ -216,39 +244,26 @@ def build_junit_files(run: Mapping[str, Any], jobs: Iterable[Mapping[str, Any]]
     for fname in sorted(groups):
         members = sorted(groups[fname], key=lambda jc: (str(jc[0].get("host")), str(jc[0].get("suite"))))
         root = ET.Element("testsuites")
-        totals = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0, "time": 0.0}
         summaries = []
-        for job, cpu in members:
-            cases, skip_types, n = _cases_for_job(job)
+        for index, (job, cpu) in enumerate(members):
+            cases, n, notes = _cases_for_job(job)
             host = job.get("host") or "unknown"
-            ts = TestSuite(xml_clean(f"{host}/{job.get('suite')}"), cases, hostname=xml_clean(host),
-                           id=str(job.get("attempt") or ""),
-                           timestamp=rfc3339(job.get("started")),
-                           package=xml_clean(f"{_host_token(host)}.{job.get('suite')}"),
-                           properties=suite_properties(run, job, cpu))
-            el = ts.build_xml_doc()
-            # Post-process: <skipped> type per case, exact counts on the suite.
-            idx = 0
-            for child in el:
-                if child.tag != "testcase":
-                    continue
-                want = skip_types[idx]
-                idx += 1
-                if want:
-                    sk = child.find("skipped")
-                    if sk is not None:
-                        sk.set("type", want)
-            for key in ("tests", "failures", "errors", "skipped"):
-                el.set(key, str(n[key]))
-                totals[key] += n[key]
-            el.set("time", f"{n['time']:.3f}")
-            totals["time"] += n["time"]
-            root.append(el)
+            el = ET.SubElement(root, "testsuite", {
+                "name": xml_clean(f"{host}/{job.get('suite')}"),
+                "package": xml_clean(f"{_host_token(host)}.{job.get('suite')}"),
+                "id": str(index),
+                "hostname": xml_clean(host),
+                "timestamp": _timestamp(job.get("started"), job.get("finished"), run.get("created")),
+                **{k: str(n[k]) for k in ("tests", "failures", "errors", "skipped")},
+                "time": f"{n['time']:.3f}",
+            })
+            props = ET.SubElement(el, "properties")
+            for name, value in suite_properties(run, job, cpu).items():
+                ET.SubElement(props, "property", {"name": name, "value": value})
+            el.extend(cases)
+            ET.SubElement(el, "system-out").text = xml_clean("\n".join(notes)) if notes else None
+            ET.SubElement(el, "system-err")
             summaries.append({"host": host, "suite": job.get("suite"), **n})
-        for key in ("tests", "failures", "errors", "skipped"):
-            root.set(key, str(totals[key]))
-        root.set("time", f"{totals['time']:.3f}")
-        root.set("name", xml_clean(f"pmufarm {run.get('id', '')} {fname[:-4]}"))
         out[fname] = (root, summaries)
     return out
 
