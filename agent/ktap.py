@@ -201,7 +201,8 @@ class TapResult:
 
 
 def _message(point: TapPoint) -> str:
-    head = f"{point.directive}: {point.reason}" if point.directive else point.reason
+    head = (f"{point.directive}: {point.reason}" if point.reason else point.directive) if point.directive \
+        else point.reason
     if point.ok and point.directive != "TODO":
         return head
     tail = "\n".join(point.diagnostics[-40:])

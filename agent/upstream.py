@@ -21,6 +21,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -243,6 +244,93 @@ def run_program(path: Path, timeout: float = SELFTEST_TIMEOUT, args: list[str] |
         timed_out = True
     return ProgramRun(path.name, out, err, None if timed_out else proc.returncode, timed_out,
                       time.monotonic() - start)
+
+
+# --------------------------------------------------------------------------------------------------
+# kvm-unit-tests
+
+
+ANSI_RE = re.compile(r"\x1b\[[0-9;]*m")
+# runtime.bash's per-test verdict line, printed only without -t: "SKIP pmu (reason)", "FAIL pmu (...)"
+VERDICT_RE = re.compile(r"^(PASS|FAIL|SKIP)\s+(\S+)\s*(?:\((.*)\))?\s*$")
+
+
+def kvm_unit_tests_ready(checkout: Path) -> Path:
+    """The checkout, configured and built (``./configure && make`` when ``config.mak`` or the PMU
+    flat files are missing); raises :class:`UpstreamError` naming what failed."""
+    if not (checkout / "run_tests.sh").is_file() or not (checkout / "x86" / "unittests.cfg").is_file():
+        raise UpstreamError(f"{checkout}: not a kvm-unit-tests checkout (no run_tests.sh or x86/unittests.cfg)")
+    if not (checkout / "config.mak").is_file():
+        r = subprocess.run(["./configure"], cwd=checkout, capture_output=True, text=True, timeout=300, check=False)
+        if r.returncode != 0:
+            raise UpstreamError(f"{checkout}: ./configure failed: {_make_failure(r)}")
+    if not all((checkout / "x86" / f"{t}.flat").is_file() for t in KVM_UNIT_TESTS):
+        r = _make([], cwd=checkout)
+        if r.returncode != 0:
+            raise UpstreamError(f"{checkout}: make failed: {_make_failure(r)}")
+    return checkout
+
+
+def kvm_unit_results(test: str, tap_stdout: str, log_text: str, plain_stdout: str = "") -> list[Any]:
+    """Results of ``run_tests.sh -t TEST``: one per TAP point (each report() line of the test).
+
+    run_tests.sh -t turns the test's PASS/FAIL/SKIP report lines into TAP points and sends its own
+    per-test verdict (a skip by the unittests.cfg ``check``, a timeout, a QEMU crash) to /dev/null
+    (kvm-unit-tests run_tests.sh, process_test_output). So: a test with no points is judged by the
+    verdict line of a plain ``run_tests.sh TEST`` (``plain_stdout``); a test whose log
+    (logs/TEST.log) has no ``SUMMARY:`` line did not finish, whatever it reported before.
+    """
+    from agent import ktap
+
+    stream = ktap.parse(tap_stdout)
+    results = ktap.flatten(stream)
+    log_lines = log_text.splitlines()
+    for r in results:
+        # -t output carries no diagnostics: the report line is the point's name, the context is in the log
+        text = r.name[len(test) + 2:] if r.name.startswith(f"{test}: ") else r.name
+        if r.outcome == "skipped" and r.message in ("", "SKIP"):
+            r.message = text
+        elif r.outcome == "failed" and not r.message:
+            at = next((i for i, ln in enumerate(log_lines) if ln.strip() == f"FAIL: {text}"), None)
+            context = log_lines[max(0, at - 20):at] if at is not None else []
+            r.message = "\n".join([f"FAIL: {text}", *context])  # the verdict first, then what the test printed
+    if stream.points:
+        if "SUMMARY:" not in log_text:
+            tail = "\n".join(log_text.strip().splitlines()[-20:])
+            results.append(ktap.TapResult(f"{test}: (incomplete)", "error",
+                                          f"{test} ended without its SUMMARY line (crash or timeout)\n{tail}"))
+        return results
+    for line in plain_stdout.splitlines():
+        m = VERDICT_RE.match(ANSI_RE.sub("", line).strip())
+        if m and m.group(2) == test:
+            verdict, why = m.group(1), (m.group(3) or "").strip()
+            outcome = {"PASS": "passed", "SKIP": "skipped"}.get(verdict, "failed")
+            if outcome == "failed" and ("timeout" in why or "terminated on SIG" in why):
+                outcome = "error"
+            return [ktap.TapResult(test, outcome, why or verdict)]
+    tail = "\n".join((log_text or plain_stdout).strip().splitlines()[-20:])
+    return [ktap.TapResult(test, "error", f"run_tests.sh reported nothing for {test}\n{tail}")]
+
+
+def run_kvm_unit_test(checkout: Path, test: str, timeout: float = SELFTEST_TIMEOUT,
+                      env: dict[str, str] | None = None) -> list[Any]:
+    """``./run_tests.sh -t TEST`` in the checkout (and the plain form when it printed no point)."""
+    from agent import ktap
+
+    full = {**os.environ, **(env or {})}
+    try:
+        tap = subprocess.run(["./run_tests.sh", "-t", test], cwd=checkout, capture_output=True, text=True,
+                             timeout=timeout, env=full, check=False, start_new_session=True)
+    except subprocess.TimeoutExpired:
+        return [ktap.TapResult(test, "error", f"run_tests.sh -t {test} timed out after {timeout:g}s")]
+    log = checkout / "logs" / f"{test}.log"
+    log_text = log.read_text(errors="replace") if log.is_file() else ""
+    plain = ""
+    if not ktap.parse(tap.stdout).points:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            plain = subprocess.run(["./run_tests.sh", test], cwd=checkout, capture_output=True, text=True,
+                                   timeout=timeout, env=full, check=False, start_new_session=True).stdout
+    return kvm_unit_results(test, tap.stdout, log_text, plain)
 
 
 # --------------------------------------------------------------------------------------------------
