@@ -62,9 +62,58 @@ class ProbeSpec:
 EINVAL, E2BIG, EBUSY, EOPNOTSUPP = 22, 7, 16, 95
 
 # Observation shapes shared by several probes.
-WORKLOAD = ('"workload": {"iterations": N, "instructions": I, "branches": B, "vm_exits": E} -- '
+WORKLOAD = ('"workload": {"iterations": N, "instructions": I, "branches": B, "vm_exits": E, '
+            '"global_ctrl_exits": 0|1, "loop": "plain"|"exit_each"|"clflush"} -- '
             "instructions/branches retired by the measured guest code by construction; vm_exits = "
-            "forced exits inside the counting window")
+            "VM round trips inside the counting window: the forced exits plus global_ctrl_exits, which is 1 "
+            "when kvm_path.global_ctrl is intercepted (the enabling WRMSR's VM-entry and the disabling "
+            "WRMSR's VM-exit fall inside the window; finding 12)")
+WORKLOAD_CLFLUSH = ("the clflush loop (pmu_counters_test.c GUEST_MEASURE_EVENT: flush the line each "
+                    "iteration to force LLC references and misses) per iteration: CLFLUSH, MFENCE, MOV load, "
+                    "DEC, JNZ = 5 instructions, 1 branch; same 5 extra instructions")
+
+# Every PMU probe shapes its guest's PMU the way the KVM selftests do (pmu_counters_test.c
+# pmu_vm_create_with_one_vcpu(): vcpu_set_cpuid_property() for the version and counter counts, a
+# host-initiated vcpu_set_msr(PERF_CAPABILITIES) before the first KVM_RUN), instead of passing
+# KVM_GET_SUPPORTED_CPUID through.  -1 = the default: KVM's supported value, except the Intel PMU
+# version, which defaults to max(KVM's, what the probe needs) -- e.g. 4 for GLOBAL_STATUS_SET
+# (KVM 7.0 reports v2, and kvm_pmu_is_valid_msr() takes STATUS_SET only for version > 3).
+#   pmu_version      Intel CPUID.0AH:EAX[7:0]; AMD: 0 = no PMU (PerfCtrExtCore and PerfMonV2 clear),
+#                    1 = PerfCtrExtCore (6 counters, no global control), 2 = PerfMonV2
+#   gp_counters      CPUID.0AH:EAX[15:8] / AMD 0x80000022:EBX[3:0] (PerfMonV2 only); 0..N, so
+#                    counters that exist in hardware can be hidden from the guest
+#   gp_width         CPUID.0AH:EAX[23:16] (Intel; AMD is always 48)
+#   fixed_counters   CPUID.0AH:EDX[4:0] (Intel)
+#   fixed_bitmap     CPUID.0AH:ECX, the v5 supported-fixed-counter bitmap (Intel)
+#   perf_capabilities  IA32_PERF_CAPABILITIES set by the host (KVM_SET_MSRS) before the first
+#                    KVM_RUN (Intel; e.g. 0 or 0x2000 = FW_WRITES)
+# A PMU-disabled VM (KVM_PMU_CAP_DISABLE) always gets CPUID with no PMU: KVM never edits CPUID
+# (Documentation/virt/kvm/api.rst, KVM_CAP_PMU_CAPABILITY: "Usermode should adjust CPUID leaf 0xA").
+# The Intel PMU version a probe's guest gets by default when KVM reports less (pmu_version=-1).
+INTEL_VERSION_NEEDED: dict[str, int] = {"overflow_status": 4}
+
+GUEST_PMU_PARAMS: dict[str, int] = {
+    "pmu_version": -1, "gp_counters": -1, "gp_width": -1, "fixed_counters": -1, "fixed_bitmap": -1,
+    "perf_capabilities": -1,
+}
+
+# Observations every PMU probe adds (status ok or error) on top of its own:
+GUEST_PMU_OBS = (
+    '"guest_pmu": {"version": v, "gp_counters": n, "gp_width": w, "fixed_counters": m (highest '
+    'supported index + 1), "fixed_bitmap": b (supported fixed counters), "fixed_width": w, '
+    '"perf_capabilities": v or null (host KVM_GET_MSRS on the vCPU; null on AMD), "perfctr_core": '
+    'bool, "perfmon_v2": bool} -- the PMU the harness put in the guest CPUID, decoded like the host\'s; '
+    '"kvm_path": {"global_ctrl": "intercepted"|"passthrough", "rdpmc": "intercepted"|"passthrough", '
+    '"how": "derived", "inputs": {"guest_gp": n, "host_gp": n, "guest_fixed": m, "host_fixed": m, '
+    '"guest_gp_width": w, "host_gp_width": w, "guest_fixed_width": w, "host_fixed_width": w, '
+    '"guest_global_ctrl": bool, "vmware_backdoor": bool or null}} -- derived from KVM\'s rule '
+    '(arch/x86/kvm/pmu.c kvm_need_any_pmc_intercept / kvm_need_perf_global_ctrl_intercept / '
+    'kvm_need_rdpmc_intercept: the guest\'s GP and fixed counts differ from the host\'s, no '
+    'global control, counter widths differ, or the VMware backdoor), not observed'
+)
+
+_ACCESS = ('{"op": "rdmsr"|"wrmsr"|"rdpmc", "target": MSR or RDPMC index, "name": str, "written": v or null, '
+           '"vector": 13 or null, "value": v or null}')
 
 PROBES: dict[str, ProbeSpec] = {p.name: p for p in [
     # --- isolation -------------------------------------------------------------------------------
@@ -79,8 +128,9 @@ PROBES: dict[str, ProbeSpec] = {p.name: p for p in [
     ProbeSpec("host_excludes_guest", True, {"iterations": 1000000},
               "host perf_event_open(exclude_guest=1) on the vCPU thread while the guest runs a small "
               "then a large compute loop with the same number of exits",
-              '"perf_open_errno": 0, "runs": [{"guest_instructions": I, "host_count": c, "vm_exits": e}, '
-              "{...large...}]"),
+              '"perf_open_errno": 0, "exclude_kernel": bool, "runs": [{"guest_instructions": I, '
+              '"host_count": c, "vm_exits": e}, {...large...}, {...small loop, 10x the exits...}] -- the third '
+              "run gives the host event's own count per VM-exit: (run3 - run1) / (exits3 - exits1)"),
     ProbeSpec("exclusivity", True, {},
               "perf/KVM mutual exclusion: include-guest host events vs mediated VMs",
               '"event_without_exclude_guest_errno": errno opening a !exclude_guest event while a mediated '
@@ -100,16 +150,48 @@ PROBES: dict[str, ProbeSpec] = {p.name: p for p in [
               "MSRs and RDPMC indexes beyond the enumerated counters, and fast RDPMC",
               '"gp_counters": n, "fixed_counters": m, "accesses": [{"op": "rdmsr"|"wrmsr"|"rdpmc", '
               '"target": MSR or RDPMC index, "name": str, "vector": 13 or null, "value": v or null, '
-              '"quirk": null or "p6_perfctr"}], "fast_rdpmc": {"vector": 13 or null}'),
+              '"quirk": null or "p6_perfctr"}], "fast_rdpmc": {"vector": 13 or null} -- the RDPMC target is '
+              "64, as in kvm-unit-tests x86/pmu.c, never index = #counters: on Zen RDPMC 6-9/10-15 are the "
+              "data-fabric/L3 counters (arch/x86/events/amd/uncore.c RDPMC_BASE_NB/LLC; finding 6). Hidden "
+              "counters that do exist in hardware: probe gp_counters with gp_counters=k"),
     ProbeSpec("pmu_disabled", True, {},
               "KVM_CAP_PMU_CAPABILITY(KVM_PMU_CAP_DISABLE) before vCPU creation, and again after",
               '"cap_disable_errno": e, "guest_pmu_version": v (guest CPUID), "guest_gp_counters": n, '
-              '"counter_access_vector": 13 or null, "cap_after_vcpu_errno": e'),
+              '"counter_access_vector": 13 or null, "cap_after_vcpu_errno": e -- the harness gives this VM '
+              "CPUID with no PMU itself (finding 3), so the CPUID rows check the VMM, the #GP row checks KVM"),
+    ProbeSpec("hidden_counters", True, {},
+              "every GP counter the vendor defines (Intel 8, AMD 6) is written (0xffff), read by RDMSR and RDPMC, "
+              "and cleared, through the full-width alias when the guest has FW_WRITES (AMD: F15H); run with "
+              "gp_counters=0..N so counters that exist in hardware are hidden: those must #GP and never show a "
+              "host value (pmu_counters_test.c guest_rd_wr_counters, MSR_P6_PERFCTR0/1 excepted; finding 9)",
+              '"gp_counters": n (guest), "possible": N, "base": "full_width"|"legacy", '
+              '"global_ctrl_reset": v or null (first RDMSR of a fresh vCPU; null without global control), '
+              '"counters": [{"index": i, "exposed": bool, "quirk": null or "p6_perfctr", '
+              '"wrmsr": ' + _ACCESS + ', "rdmsr": {...}, "rdpmc": {...}, "selector_wrmsr": {...}, '
+              '"clear": {...}}], "exceptions": [...]'),
+    ProbeSpec("pmu_enum", True, {},
+              "the guest reads its own CPUID PMU leaves and IA32_PERF_CAPABILITIES; the host reads the vCPU's "
+              "PERF_CAPABILITIES (KVM_GET_MSRS) and tries to change it after KVM_RUN (vmx_pmu_caps_test.c: "
+              "immutable once the vCPU ran); the PMU version matrix is this probe run with pmu_version=0..5",
+              '"cpuid": {"0xa": [eax, ebx, ecx, edx] or null, "0x1": [...], "0x80000001": [...] or null, '
+              '"0x80000022": [...] or null}, "decoded": {same keys as guest_pmu, from the guest\'s own CPUID}, '
+              '"perf_capabilities": {"guest_rdmsr": ' + _ACCESS + ' or null (AMD), "host_before_run": v or '
+              'null, "host_set_after_run_errno": e or null, "host_after_run": v or null}, "exceptions": [...]'),
+    ProbeSpec("guards", True, {},
+              "mediated-vPMU guards that must #GP: AnyThread (EVTSEL bit 21, FIXED_CTR_CTRL bit 2), PEBS, DS "
+              "and LBR MSRs (no PEBS/LBR under the mediated PMU: vmx_get_perf_capabilities), a guest WRMSR of "
+              "IA32_PERF_CAPABILITIES (vmx_pmu_caps_test.c: always #GP), the AMD LBRv2 MSR",
+              '"accesses": [' + _ACCESS + ' + "case": "anythread_evtsel"|"anythread_fixed_ctrl"|"pebs_enable"|'
+              '"ds_area"|"lbr_select"|"lbr_tos"|"lbr_from0"|"arch_lbr_ctl"|"perf_capabilities_write"|'
+              '"amd_lbr_select"], "exceptions": [...]'),
     # --- counters --------------------------------------------------------------------------------
     ProbeSpec("arch_events", True, {"iterations": 1000},
-              "every architectural event on every GP counter, and every fixed counter, over the loop",
-              WORKLOAD + ', "gp": [{"counter": i, "event": name, "count": c}], '
-              '"fixed": [{"counter": j, "event": name, "count": c}]'),
+              "every architectural event on every GP counter, and every fixed counter, over the exit-free "
+              "loop; llc_references, llc_misses and topdown_be_bound over the clflush loop where the guest "
+              "has CLFLUSH (finding 5)",
+              WORKLOAD + ', "workload_clflush": {same keys} or null -- ' + WORKLOAD_CLFLUSH +
+              ', "gp": [{"counter": i, "event": name, "loop": "plain"|"clflush", "count": c}], '
+              '"fixed": [{"counter": j, "event": name, "loop": "plain", "count": c}]'),
     ProbeSpec("disabled_counter", True, {"iterations": 1000},
               "counters programmed with the enable bit clear do not move over the loop",
               '"gp": [{"counter": i, "before": v, "after": v}], "fixed": [{"counter": j, "before": v, '
@@ -129,37 +211,117 @@ PROBES: dict[str, ProbeSpec] = {p.name: p for p in [
     ProbeSpec("rdpmc", True, {},
               "a value written to each counter (disabled) reads back via RDMSR and RDPMC",
               '"counters": [{"kind": "gp"|"fixed", "index": i, "written": v, "rdmsr": v, "rdpmc": v}]'),
+    ProbeSpec("fixed_counters", True, {"iterations": 1000},
+              "Intel: every fixed counter the architecture defines (0..3) with fixed_counters=j, fixed_bitmap=k, "
+              "pmu_version=v: supported ones (i < j or bit i of k with v >= 5) are written/read/RDPMC'd and "
+              "count their event over the loop; unsupported ones #GP on the counter, on their FIXED_CTR_CTRL "
+              "field and on their GLOBAL_CTRL bit (pmu_counters_test.c guest_test_fixed_counters)",
+              '"fixed_counters": j, "fixed_bitmap": k, "version": v, "counters": [{"index": i, "supported": bool '
+              '(as enumerated), "wrmsr": ' + _ACCESS + ', "rdmsr": {...}, "rdpmc": {...}, "ctrl_wrmsr": {...}, '
+              '"global_ctrl_wrmsr": {...}, "count": c or null (supported only)}], ' + WORKLOAD +
+              ', "exceptions": [...]'),
+    ProbeSpec("counter_freeze", True, {"iterations": 1000},
+              "each GP counter (instructions) and fixed counter counts the loop, then the loop runs again with "
+              "GLOBAL_CTRL clear, then again with GLOBAL_CTRL set but the counter's own enable clear: the value "
+              "must not move (pmu_counters_test.c __guest_test_arch_event: count frozen after disable)",
+              WORKLOAD + ', "counters": [{"kind": "gp"|"fixed", "index": i, "counted": c, '
+              '"after_global_off": c, "after_local_off": c}], "exceptions": [...]'),
+    ProbeSpec("all_counters", True, {"iterations": 1000},
+              "every GP counter and every fixed counter count at once over one loop (kvm-unit-tests x86/pmu.c "
+              "check_counters_many): GP i counts instructions (even i) or branches (odd i), fixed j its event",
+              WORKLOAD + ', "gp": [{"counter": i, "event": name, "count": c}], "fixed": [{"counter": j, '
+              '"event": name, "count": c}], "exceptions": [...]'),
+    ProbeSpec("cmask", True, {"iterations": 1000},
+              "GP counter 0 counts instructions over the loop with CMASK 0 and with CMASK 2 (kvm-unit-tests "
+              "x86/pmu.c check_cmask: the CMASK count is below the plain one)",
+              WORKLOAD + ', "cmask": 2, "count_plain": c, "count_cmask": c, "exceptions": [...]'),
+    ProbeSpec("running_write", True, {"iterations": 1000},
+              "WRMSR to a running counter (kvm-unit-tests x86/pmu.c check_running_counter_wrmsr): counter 0 "
+              "counts instructions, the guest writes 0 to it after the loop while it runs; then the guest "
+              "writes -1 (all width bits) to the running counter and runs the loop, which wraps it",
+              WORKLOAD + ', "after_write_zero": c (only what retired after the write), "from_minus_one": '
+              '{"written": v, "count": c (after the wrap), "global_status": v or null}, "exceptions": [...]'),
+    ProbeSpec("privilege", True, {"iterations": 1000},
+              "GP counter 0 counts instructions over the loop with USR only, OS only, and both; the guest's "
+              "loop runs at CPL0, so USR-only must not count it (EVTSEL bits 16/17)",
+              WORKLOAD + ', "cpl": 0, "counts": {"usr": c, "os": c, "both": c}, "exceptions": [...]'),
+    ProbeSpec("umask_pair", True, {"iterations": 1000},
+              "Intel: events that share an event select and differ in unit mask (cycles 0x3c/0x00 vs "
+              "ref_cycles 0x3c/0x01, llc_references 0x2e/0x4f vs llc_misses 0x2e/0x41) count side by side on "
+              "GP 0/1, then again with the filter denying the second of each pair (the filter key includes "
+              "the umask); unsupported on AMD (no such pair among the events KVM's tests use)",
+              WORKLOAD + ', "pairs": [{"select": s, "first": {"event": name, "umask": u, "count": c, '
+              '"count_second_denied": c}, "second": {"event": name, "umask": u, "count": c, '
+              '"count_second_denied": c}, "set_errno": e}], "exceptions": [...]'),
+    ProbeSpec("legacy_k7", True, {"iterations": 1000},
+              "AMD legacy K7 MSRs (PERFEVTSEL0-3 0xc0010000-3, PERFCTR0-3 0xc0010004-7; kvm-unit-tests x86/pmu.c "
+              "AMD legacy path): a value written through K7 reads back through K7, RDPMC and the F15H alias, and "
+              "a K7-programmed counter counts instructions over the loop; unsupported on Intel",
+              WORKLOAD + ', "counters": [{"index": i, "written": v, "k7_rdmsr": ' + _ACCESS + ', "f15h_rdmsr": '
+              '{...}, "rdpmc": {...}, "k7_sel_wrmsr": {...}, "f15h_sel_read": v or null, "count": c or null}], '
+              '"exceptions": [...]'),
     # --- filter ----------------------------------------------------------------------------------
     ProbeSpec("event_filter", True, {"case": "none", "iterations": 1000},
               "KVM_SET_PMU_EVENT_FILTER variants; the guest counts instructions and branches on GP "
               "counters and instructions on fixed counter 0 (Intel). cases: none, allow_member, "
               "allow_nonmember, deny_member, deny_nonmember, masked_include, masked_exclude, "
-              "fixed_allow, fixed_deny, fixed_priority",
+              "fixed_allow, fixed_deny, fixed_priority, deny_high_select (AMD: denying 0x1C2 -- select "
+              "bits 35:32 = 1 -- must not deny 0xC2 branches; pmu_event_filter_test.c test_amd_deny_list)",
               '"case": c, "set_errno": e, "filter": {...as set...}, ' + WORKLOAD +
               ', "counts": {"instructions": c, "branches": c, "fixed_instructions": c or null}'),
     ProbeSpec("filter_update", True, {"iterations": 1000},
               "the guest counts branches; the host denies the event while the guest runs, then allows",
               '"selector_written": v, "selector_read_after_deny": v, "count_before_deny": c, '
               '"count_after_deny": c, "count_after_allow": c (each a delta over one loop)'),
+    ProbeSpec("masked_events", True, {"density": "sparse", "iterations": 1000},
+              "the 7 upstream masked-event cases (pmu_event_filter_test.c test_cases: loads, stores, "
+              "loads+stores via Intel MEM_INST_RETIRED 0xd0 umask 0x81/0x82/0x83 or AMD LS_DISPATCH 0x29 umask "
+              "bit 0/1/2 on GP 0-2 over a load/store/read-modify-write loop), with the case's entries alone "
+              "(density=sparse) or after 297 dummy entries (density=dense, add_dummy_events)",
+              '"density": d, "nevents_dummy": n, "cases": [{"case": i (0..6, upstream order), "set_errno": e, '
+              '"events": [entries], "counts": {"loads": c, "stores": c, "loads_stores": c}}], "exceptions": [...]'),
+    ProbeSpec("filter_fixed_bitmap", True, {"iterations": 1000},
+              "Intel: for every fixed counter i and every bitmap b < 2^fixed, allow and deny with "
+              "fixed_counter_bitmap=b, alone and together with the GP events[] list: FC i counts iff the "
+              "filter allows bit i (pmu_event_filter_test.c __test_fixed_counter_bitmap)",
+              '"fixed_counters": m, "no_filter": [c per counter], "results": [{"counter": i, "bitmap": b, '
+              '"action": "allow"|"deny", "with_events": bool, "set_errno": e, "count": c}], "exceptions": [...]'),
     ProbeSpec("filter_invalid", True, {},
               "invalid KVM_SET_PMU_EVENT_FILTER inputs",
-              '"cases": [{"case": "bad_action"|"bad_flags"|"too_many_events"|"masked_bad_entry", '
-              '"errno": e}]'),
+              '"cases": [{"case": "bad_action"|"bad_flags"|"too_many_events"|"masked_bad_entry"|'
+              '"junk_bits_unmasked"|"masked_valid"|"fixed_bitmap_nonexistent", "errno": e}] -- the last three '
+              "must be accepted (pmu_event_filter_test.c test_filter_ioctl: ~0 with flags=0, a masked entry "
+              "with every field at its maximum, a fixed_counter_bitmap naming counters that do not exist)"),
     # --- pmi -------------------------------------------------------------------------------------
     ProbeSpec("pmi", True, {"lvtpc": "unmasked"},
-              "a counter preset near overflow with the INT bit; LVTPC unmasked or masked",
-              '"lvtpc": "unmasked"|"masked", "vector": v, "interrupts": n (guest handler hits), '
-              '"global_status": v, "host_vpmi_before": n or null, "host_vpmi_after": n or null, '
+              "GP counter 0 counting branches (a JNZ per iteration, never emulated by KVM, so the overflow "
+              "is a hardware one; finding 7) preset 64 from overflow with the INT bit; LVTPC unmasked or masked",
+              '"lvtpc": "unmasked"|"masked", "event": "branches", "vector": v, "interrupts": n (guest handler '
+              'hits), "global_status": v, "host_vpmi_before": n or null, "host_vpmi_after": n or null, '
               '"host_nmi_delta": n or null'),
+    ProbeSpec("overflow_all", True, {},
+              "overflow and PMI on every GP and fixed counter in turn (kvm-unit-tests x86/pmu.c "
+              "check_counter_overflow): branches preset 64 from overflow, with and without the INT bit; after "
+              "each PMI the guest reads LVTPC (Intel sets its mask bit on delivery) and unmasks it again",
+              '"event": "branches", "vector": v, "counters": [{"kind": "gp"|"fixed", "index": i, "int": bool, '
+              '"count": c (after the wrap), "global_status": v or null, "interrupts": n, "lvtpc_after": v or '
+              'null}], "exceptions": [...]'),
 ]}
+
+# Every PMU probe takes the guest-PMU shaping parameters after its own.
+PROBES = {name: spec if not spec.needs_pmu else
+          ProbeSpec(spec.name, True, {**spec.params, **GUEST_PMU_PARAMS}, spec.summary,
+                    spec.observations + ", " + GUEST_PMU_OBS)
+          for name, spec in PROBES.items()}
 
 SUITE_PROBES: dict[str, list[str]] = {
     "isolation": ["selftest", "guest_count", "host_excludes_guest", "exclusivity", "fresh_state",
-                  "cross_context", "unexposed", "pmu_disabled"],
+                  "cross_context", "unexposed", "pmu_disabled", "hidden_counters", "pmu_enum", "guards"],
     "counters": ["arch_events", "disabled_counter", "counter_width", "global_ctrl", "overflow_status",
-                 "rdpmc"],
-    "filter": ["event_filter", "filter_update", "filter_invalid"],
-    "pmi": ["pmi"],
+                 "rdpmc", "fixed_counters", "counter_freeze", "all_counters", "cmask", "running_write",
+                 "privilege", "umask_pair", "legacy_k7"],
+    "filter": ["event_filter", "filter_update", "filter_invalid", "masked_events", "filter_fixed_bitmap"],
+    "pmi": ["pmi", "overflow_all"],
 }
 
 

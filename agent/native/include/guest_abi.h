@@ -50,13 +50,14 @@ enum guest_op {
 	OP_CPUID,          /* arg0 = leaf, arg1 = subleaf      -> out0..3 = eax, ebx, ecx, edx */
 	OP_SELFTEST,       /* arg0 = N: N ticks carrying i, sum -> out0 = sum(i), out1 = ticks sent */
 	OP_MEASURE,        /* arg0 = msr, arg1 = enable value, arg2 = disable value, arg3 = N,
-			      arg4 = 1: one tick (VM-exit) per iteration; see guest_measure() */
+			      arg4 = MEASURE_LOOP_*: the loop body; see guest_measure() */
 	OP_WORK,           /* arg0 = inner iterations, arg1 = exits; see guest_work() */
 	OP_TICK,           /* one VM-exit to the host */
 	OP_STI,            /* enable interrupts */
 	OP_CLI,            /* disable interrupts */
 	OP_SPIN,           /* arg0 = iterations of pause (interrupt window) */
 	OP_X2APIC_ENABLE,  /* IA32_APIC_BASE: EN | EXTD; software-enable via SVR -> vector */
+	OP_MEMLOOP,        /* arg0 = N x {load, store, read-modify-write} on one stack word */
 	OP_MAX
 };
 
@@ -105,7 +106,11 @@ struct guest_area {
  * JNZ; after the loop: 4 register moves + WRMSR.  AMD additionally counts VMRUN as a branch and
  * some Intel Atoms overcount on VM transitions: those are errata, judged by the suites.
  */
+#define MEASURE_LOOP_PLAIN         0   /* NOP, DEC, JNZ */
+#define MEASURE_LOOP_EXIT          1   /* OUT (a forced VM-exit), DEC, JNZ */
+#define MEASURE_LOOP_CLFLUSH       2   /* CLFLUSH, MFENCE, MOV load, DEC, JNZ (pmu_counters_test.c) */
 #define MEASURE_INSNS_PER_ITER     3
+#define MEASURE_CLFLUSH_INSNS_PER_ITER 5
 #define MEASURE_INSNS_EXTRA        5
 #define MEASURE_BRANCHES_PER_ITER  1
 #define MEASURE_BRANCHES_EXTRA     0

@@ -14,12 +14,17 @@
 #define EVTSEL_USR   (1ULL << 16)
 #define EVTSEL_OS    (1ULL << 17)
 #define EVTSEL_INT   (1ULL << 20)
+#define EVTSEL_ANY   (1ULL << 21)   /* Intel AnyThread; reserved for a mediated guest, and on AMD */
 #define EVTSEL_EN    (1ULL << 22)
+#define EVTSEL_CMASK_SHIFT 24
+#define FIXED_CTRL_ANY  0x4ULL
 /* IA32_FIXED_CTR_CTRL: 4 bits per counter. */
 #define FIXED_CTRL_OS   0x1ULL
 #define FIXED_CTRL_USR  0x2ULL
 #define FIXED_CTRL_PMI  0x8ULL
 #define RDPMC_FAST      (1U << 31)   /* Intel "fast" RDPMC (low 32 bits only) */
+
+struct kvm_cpuid2;
 
 struct pmu_event {
 	const char *name;
@@ -40,6 +45,8 @@ struct pmu_info {
 	int gp;                 /* general-purpose counters */
 	int gp_width;
 	int fixed;              /* number of fixed counters (highest supported index + 1) */
+	int fixed_contig;       /* Intel: CPUID.0AH:EDX[4:0], the contiguous fixed counters */
+	uint32_t fixed_ecx;     /* Intel: CPUID.0AH:ECX, the v5 supported-fixed bitmap (as written) */
 	int fixed_width;
 	uint32_t fixed_mask;    /* supported fixed counters */
 	uint32_t events_mask;   /* bit i: layout->events[i] available */
@@ -73,6 +80,11 @@ struct pmu_layout {
 	const char *const *fixed_events;
 	size_t nfixed_events;
 	void (*decode)(const struct cpuid_view *v, struct pmu_info *out);
+	/* The inverse of decode: write p into a KVM CPUID table (entries added as needed); 0 or ENOMEM. */
+	int (*encode)(struct kvm_cpuid2 **t, const struct pmu_info *p, bool no_pmu);
+	/* Further MSRs the probes touch (0 = the vendor has none). */
+	uint32_t k7_sel_base, k7_ctr_base, k7_count;   /* AMD legacy PERFEVTSEL0-3 / PERFCTR0-3 */
+	const struct pmu_event *mem_events;            /* loads, stores, loads+stores (masked-event tests) */
 };
 
 #define MSR_IA32_PERF_CAPABILITIES 0x345

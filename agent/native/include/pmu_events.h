@@ -41,4 +41,18 @@
 	X(branches,       0xc2, 0x00)		\
 	X(branch_misses,  0xc3, 0x00)
 
+/*
+ * Memory events of the masked-event tests, in the order loads, stores, loads+stores
+ * (pmu_event_filter_test.c: Intel MEM_INST_RETIRED 0xd0 umask 0x81/0x82/0x83; AMD LS_DISPATCH
+ * 0x29 umask bit 0 load, bit 1 store, bit 2 load-op-store).
+ */
+#define INTEL_MEM_EVENTS(X)				\
+	X(mem_loads,         0xd0, 0x81)		\
+	X(mem_stores,        0xd0, 0x82)		\
+	X(mem_loads_stores,  0xd0, 0x83)
+#define AMD_MEM_EVENTS(X)				\
+	X(mem_loads,         0x29, 0x01)		\
+	X(mem_stores,        0x29, 0x02)		\
+	X(mem_loads_stores,  0x29, 0x04)
+
 #endif

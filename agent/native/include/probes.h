@@ -33,14 +33,23 @@ struct probe {
 	const char *name;
 	bool needs_pmu;
 	struct probe_param params[PROBE_MAX_PARAMS];
-	enum probe_status (*run)(struct probe_ctx *c);
+	enum probe_status (*run)(struct probe_ctx *c);    /* shapes the guest PMU, then body */
+	enum probe_status (*body)(struct probe_ctx *c);
+	int min_version;                                  /* default guest PMU version at least */
 };
+
+/* Guest-PMU shaping options every PMU probe takes (agent/protocol.py GUEST_PMU_PARAMS). */
+enum { SHAPE_VERSION, SHAPE_GP, SHAPE_GP_WIDTH, SHAPE_FIXED, SHAPE_FIXED_BITMAP, SHAPE_PERF_CAPS,
+       PROBE_NSHAPE };
 
 struct probe_ctx {
 	const struct probe *probe;
 	struct host_caps *caps;
 	const struct pmu_layout *l;     /* the host vendor's table (NULL: unknown vendor) */
-	struct pmu_info pmu;            /* the guest's PMU: KVM_GET_SUPPORTED_CPUID's view */
+	struct pmu_info pmu;            /* the guest's PMU: as shaped into its CPUID, decoded */
+	struct guest_pmu_cfg guest;     /* what every VM of the probe gets (lib/probe.c probe_shape) */
+	int64_t perf_caps;              /* the guest's IA32_PERF_CAPABILITIES, -1 unknown / none */
+	int64_t shape[PROBE_NSHAPE];    /* shaping options, -1 = default */
 	struct json *obs;               /* the open "observations" object */
 	char reason[1024];
 	int64_t ival[PROBE_MAX_PARAMS];
@@ -66,14 +75,28 @@ enum probe_status probe_need_counters(struct probe_ctx *c, int gp);
 
 /* Helpers shared by the probe files (lib/probe.c). */
 int probe_vm(struct probe_ctx *c, struct vm *vm, struct vcpu **v, const struct vm_opts *o);
+/* Default VM options with the probe's guest PMU (for probes that call vm_create themselves). */
+struct vm_opts probe_opts(const struct probe_ctx *c);
+/* CPUID.1:EDX[19] in the guest's CPUID (KVM's supported table). */
+bool probe_guest_has_clflush(const struct probe_ctx *c);
+/* Whether the guest's full-width counter alias (IA32_PMCx) is usable: FW_WRITES, or not Intel. */
+bool probe_full_width(const struct probe_ctx *c);
+void json_access(struct json *j, const char *key, const char *op, uint32_t target, const char *name,
+		 const struct guest_cmd *cmd, bool has_written, uint64_t written);
 void json_exceptions(struct json *j, const struct vcpu *v);
-void json_workload(struct json *j, uint64_t n, uint64_t exits);
+/* The measured loop's contract (include/guest_abi.h); exits = forced exits seen by the host. */
+enum loop_kind { LOOP_PLAIN, LOOP_EXIT_EACH, LOOP_CLFLUSH };
+void json_workload(struct probe_ctx *c, const char *key, enum loop_kind k, uint64_t n, uint64_t exits);
+/* Whether kvm_path.global_ctrl is "intercepted" (KVM's rule, derived). */
+bool probe_global_ctrl_intercepted(const struct probe_ctx *c);
 uint64_t now_ns(void);
 
 /* Programming the guest PMU through batches. */
 void g_pmu_quiesce(struct probe_ctx *c, struct vcpu *v);   /* global ctrl 0, selectors 0, counters 0 */
 struct guest_cmd *g_measure(struct probe_ctx *c, struct vcpu *v, uint64_t enable_mask, uint64_t n,
 			    bool exit_each);
+struct guest_cmd *g_measure_loop(struct probe_ctx *c, struct vcpu *v, uint64_t enable_mask, uint64_t n,
+				 enum loop_kind k);
 
 /* Probes, by catalogue section. */
 enum probe_status probe_selftest(struct probe_ctx *c);
@@ -94,5 +117,19 @@ enum probe_status probe_event_filter(struct probe_ctx *c);
 enum probe_status probe_filter_update(struct probe_ctx *c);
 enum probe_status probe_filter_invalid(struct probe_ctx *c);
 enum probe_status probe_pmi(struct probe_ctx *c);
+enum probe_status probe_hidden_counters(struct probe_ctx *c);
+enum probe_status probe_pmu_enum(struct probe_ctx *c);
+enum probe_status probe_guards(struct probe_ctx *c);
+enum probe_status probe_fixed_counters(struct probe_ctx *c);
+enum probe_status probe_counter_freeze(struct probe_ctx *c);
+enum probe_status probe_all_counters(struct probe_ctx *c);
+enum probe_status probe_cmask(struct probe_ctx *c);
+enum probe_status probe_running_write(struct probe_ctx *c);
+enum probe_status probe_privilege(struct probe_ctx *c);
+enum probe_status probe_umask_pair(struct probe_ctx *c);
+enum probe_status probe_legacy_k7(struct probe_ctx *c);
+enum probe_status probe_masked_events(struct probe_ctx *c);
+enum probe_status probe_filter_fixed_bitmap(struct probe_ctx *c);
+enum probe_status probe_overflow_all(struct probe_ctx *c);
 
 #endif

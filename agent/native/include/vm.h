@@ -12,6 +12,7 @@
 #include <stdint.h>
 
 #include "guest_abi.h"
+#include "pmu.h"
 
 #define VM_ERR_LEN 512
 
@@ -32,6 +33,20 @@ struct vm_opts {
 	bool irqchip;       /* in-kernel LAPIC (irqchip_mode); true for every probe */
 	enum irqchip_mode irqchip_mode;
 	bool pmu_disable;   /* KVM_CAP_PMU_CAPABILITY(KVM_PMU_CAP_DISABLE) before any vCPU */
+	const struct guest_pmu_cfg *guest;  /* NULL: KVM's supported CPUID unchanged */
+};
+
+/*
+ * The guest's PMU as the VMM sets it, like the KVM selftests (pmu_counters_test.c
+ * pmu_vm_create_with_one_vcpu(): CPUID properties set by the test, PERF_CAPABILITIES by a
+ * host-initiated vcpu_set_msr() before the first KVM_RUN).  KVM never edits CPUID itself, not even
+ * for a PMU-disabled VM (api.rst, KVM_CAP_PMU_CAPABILITY), so no_pmu clears the PMU leaves here.
+ */
+struct guest_pmu_cfg {
+	const struct pmu_layout *layout;    /* whose CPUID encoding (lib/pmu.c encode) */
+	struct pmu_info pmu;                /* what the guest CPUID enumerates */
+	bool no_pmu;                        /* no PMU at all (Intel: leaf 0xA zero, PDCM clear) */
+	int64_t perf_capabilities;          /* Intel: host KVM_SET_MSRS before KVM_RUN; -1 = KVM's default */
 };
 
 struct vcpu;
@@ -46,7 +61,8 @@ struct vm {
 	enum irqchip_mode irqchip;  /* what was created */
 	struct vcpu *vcpus[GUEST_MAX_VCPUS];
 	int nvcpus;
-	struct kvm_cpuid2 *cpuid;   /* KVM_GET_SUPPORTED_CPUID, handed to every vCPU */
+	struct kvm_cpuid2 *cpuid;   /* KVM_GET_SUPPORTED_CPUID shaped by opts.guest, for every vCPU */
+	struct guest_pmu_cfg guest; /* copy of opts.guest (layout NULL: none) */
 	char err[VM_ERR_LEN];
 };
 
@@ -94,6 +110,18 @@ static inline struct guest_cmd *g_rdpmc(struct vcpu *v, uint32_t idx)
 {
 	return batch_add(v, OP_RDPMC, idx, 0, 0, 0, 0);
 }
+
+/* Host-initiated MSR access on a vCPU (KVM_GET_MSRS / KVM_SET_MSRS): 0 or an errno (EINVAL: refused). */
+int vcpu_get_msr(struct vcpu *v, uint32_t msr, uint64_t *val);
+int vcpu_set_msr(struct vcpu *v, uint32_t msr, uint64_t val);
+
+/*
+ * The one place the harness learns what KVM offers: KVM_GET_SUPPORTED_CPUID (caller frees) and
+ * KVM's feature MSRs (KVM_GET_MSRS on /dev/kvm, e.g. the default PERF_CAPABILITIES).  An emulated
+ * PMU overrides what the harness believes here.  NULL / errno with err set.
+ */
+struct kvm_cpuid2 *kvm_supported_cpuid(int kvm_fd, char *err, size_t len);
+int kvm_feature_msr(int kvm_fd, uint32_t msr, uint64_t *val);
 
 /* Guest exceptions recorded since the vCPU was created (the first GUEST_MAX_EXC). */
 const struct guest_exc *vcpu_exception(const struct vcpu *v, uint32_t i);

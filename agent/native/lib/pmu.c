@@ -7,7 +7,9 @@
  * PerfCntrGlobalStatus/Ctl/StatusClr/StatusSet 0xc0000300-0xc0000303).
  */
 #include <cpuid.h>
+#include <errno.h>
 #include <linux/kvm.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "pmu.h"
@@ -19,6 +21,8 @@
 static const struct pmu_event intel_events[] = { INTEL_ARCH_EVENTS(EVENT_ENTRY) };
 static const char *const intel_fixed[] = { INTEL_FIXED_EVENTS(NAME_ENTRY) };
 static const struct pmu_event amd_events[] = { AMD_EVENTS(EVENT_ENTRY) };
+static const struct pmu_event intel_mem_events[] = { INTEL_MEM_EVENTS(EVENT_ENTRY) };
+static const struct pmu_event amd_mem_events[] = { AMD_MEM_EVENTS(EVENT_ENTRY) };
 
 #define ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
 
@@ -56,6 +60,8 @@ static void intel_decode(const struct cpuid_view *v, struct pmu_info *p)
 	if (p->version >= 2) {
 		uint32_t n = r[3] & 0x1f;
 
+		p->fixed_contig = (int)n;
+		p->fixed_ecx = r[2];
 		/* v5: ECX is a bitmap of fixed counters, on top of the first EDX[4:0]. */
 		p->fixed_mask = (n >= 32 ? ~0u : (1u << n) - 1) | (p->version >= 5 ? r[2] : 0);
 		p->fixed_mask &= (1u << ARRAY_SIZE(intel_fixed)) - 1;
@@ -91,6 +97,86 @@ static void amd_decode(const struct cpuid_view *v, struct pmu_info *p)
 	p->has_status_set = p->perfmon_v2;
 }
 
+/* The entry (fn, idx) of a KVM CPUID table, appended (zeroed) if absent and add is set. */
+static struct kvm_cpuid_entry2 *table_entry(struct kvm_cpuid2 **t, uint32_t fn, uint32_t idx, bool add)
+{
+	struct kvm_cpuid2 *n;
+
+	for (uint32_t i = 0; i < (*t)->nent; i++) {
+		struct kvm_cpuid_entry2 *e = &(*t)->entries[i];
+
+		if (e->function == fn && (!(e->flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX) || e->index == idx))
+			return e;
+	}
+	if (!add)
+		return NULL;
+	n = realloc(*t, sizeof(*n) + ((*t)->nent + 1) * sizeof(n->entries[0]));
+	if (!n)
+		return NULL;
+	*t = n;
+	memset(&n->entries[n->nent], 0, sizeof(n->entries[0]));
+	n->entries[n->nent].function = fn;
+	n->entries[n->nent].index = idx;
+	return &n->entries[n->nent++];
+}
+
+/*
+ * Intel leaf 0xA, as the selftests set X86_PROPERTY_PMU_* (include/x86/processor.h): EAX =
+ * version | GP count << 8 | GP width << 16 | EBX length << 24; EBX = unavailable events; ECX =
+ * v5 fixed bitmap; EDX = contiguous fixed count | fixed width << 5.  No PMU: the leaf is zero and
+ * PDCM (CPUID.1:ECX[15]) is clear.
+ */
+static int intel_encode(struct kvm_cpuid2 **t, const struct pmu_info *p, bool no_pmu)
+{
+	struct kvm_cpuid_entry2 *e = table_entry(t, 0xa, 0, true);
+	struct kvm_cpuid_entry2 *one;
+	uint32_t len = p->events_mask ? 32 - (uint32_t)__builtin_clz(p->events_mask) : 0;
+
+	if (!e)
+		return ENOMEM;
+	if (no_pmu || p->version <= 0) {
+		e->eax = e->ebx = e->ecx = e->edx = 0;
+	} else {
+		e->eax = ((uint32_t)p->version & 0xff) | ((uint32_t)p->gp & 0xff) << 8 |
+			 ((uint32_t)p->gp_width & 0xff) << 16 | len << 24;
+		e->ebx = ~p->events_mask & (len >= 32 ? ~0u : (1u << len) - 1);
+		e->ecx = p->fixed_ecx;
+		e->edx = (e->edx & ~0x1fffu) | ((uint32_t)p->fixed_contig & 0x1f) |
+			 ((uint32_t)p->fixed_width & 0xff) << 5;
+	}
+	one = table_entry(t, 1, 0, false);
+	if (one && no_pmu)
+		one->ecx &= ~(1u << 15);
+	return 0;
+}
+
+/*
+ * AMD: PerfCtrExtCore (0x80000001:ECX[23]) for version >= 1, PerfMonV2 (0x80000022:EAX[0]) with
+ * the counter count in EBX[3:0] for version 2 -- what amd_pmu_refresh() reads back.
+ */
+static int amd_encode(struct kvm_cpuid2 **t, const struct pmu_info *p, bool no_pmu)
+{
+	int v = no_pmu ? 0 : p->version;
+	struct kvm_cpuid_entry2 *ext = table_entry(t, 0x80000001, 0, true), *max, *v2;
+
+	if (!ext)
+		return ENOMEM;
+	ext->ecx = (ext->ecx & ~(1u << 23)) | (v >= 1 ? 1u << 23 : 0);
+	v2 = table_entry(t, 0x80000022, 0, v >= 2);
+	if (v >= 2 && !v2)
+		return ENOMEM;
+	if (v2) {
+		v2->eax = (v2->eax & ~1u) | (v >= 2 ? 1u : 0);
+		v2->ebx = (v2->ebx & ~0xfu) | (v >= 2 ? (uint32_t)p->gp & 0xf : 0);
+	}
+	max = table_entry(t, 0x80000000, 0, true);
+	if (!max)
+		return ENOMEM;
+	if (v >= 2 && max->eax < 0x80000022)
+		max->eax = 0x80000022;
+	return 0;
+}
+
 const struct pmu_layout intel_layout = {
 	.vendor = "intel", .vendor_id = "GenuineIntel", .kvm_module = "kvm_intel",
 	.sel_base = 0x186, .ctr_base = 0x4c1, .stride = 1, .max_gp = 8,
@@ -102,7 +188,8 @@ const struct pmu_layout intel_layout = {
 	.global_status_set = 0x391, .perf_capabilities = MSR_IA32_PERF_CAPABILITIES,
 	.events = intel_events, .nevents = ARRAY_SIZE(intel_events),
 	.fixed_events = intel_fixed, .nfixed_events = ARRAY_SIZE(intel_fixed),
-	.decode = intel_decode,
+	.decode = intel_decode, .encode = intel_encode,
+	.mem_events = intel_mem_events,
 };
 
 const struct pmu_layout amd_layout = {
@@ -112,7 +199,9 @@ const struct pmu_layout amd_layout = {
 	.global_status = 0xc0000300, .global_ctrl = 0xc0000301, .global_status_clr = 0xc0000302,
 	.global_status_set = 0xc0000303,
 	.events = amd_events, .nevents = ARRAY_SIZE(amd_events),
-	.decode = amd_decode,
+	.decode = amd_decode, .encode = amd_encode,
+	.k7_sel_base = 0xc0010000, .k7_ctr_base = 0xc0010004, .k7_count = 4,
+	.mem_events = amd_mem_events,
 };
 
 const struct pmu_layout *pmu_layout_for(const char *vendor_id)

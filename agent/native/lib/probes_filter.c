@@ -167,7 +167,7 @@ enum probe_status probe_event_filter(struct probe_ctx *c)
 	json_str(c->obs, "case", name);
 	json_i64(c->obs, "set_errno", set_errno);
 	json_filter(c->obs, &f);
-	json_workload(c->obs, n, st.ticks);
+	json_workload(c, "workload", LOOP_EXIT_EACH, n, st.ticks);
 	json_obj_begin(c->obs, "counts");
 	json_count(c->obs, "instructions", insn);
 	json_count(c->obs, "branches", br);
@@ -277,4 +277,14 @@ enum probe_status probe_filter_invalid(struct probe_ctx *c)
 	}
 	json_arr_end(c->obs);
 	return PROBE_OK;
+}
+
+enum probe_status probe_masked_events(struct probe_ctx *c)
+{
+	return probe_fail(c, "probe %s: not implemented in the native harness yet", c->probe->name);
+}
+
+enum probe_status probe_filter_fixed_bitmap(struct probe_ctx *c)
+{
+	return probe_fail(c, "probe %s: not implemented in the native harness yet", c->probe->name);
 }

@@ -76,7 +76,7 @@ enum probe_status probe_guest_count(struct probe_ctx *c)
 	g_pmu_quiesce(c, v);
 	if (batch_run(v, &st))
 		ret = probe_fail(c, "%s", vm.err);
-	json_workload(c->obs, n, st.ticks);
+	json_workload(c, "workload", LOOP_EXIT_EACH, n, st.ticks);
 	json_obj_begin(c->obs, "counts");
 	json_opt_i64(c->obs, "instructions", insn->vector < 0 ? (int64_t)(insn->out[0] & INT64_MAX) : -1);
 	json_opt_i64(c->obs, "branches", br->vector < 0 ? (int64_t)(br->out[0] & INT64_MAX) : -1);
@@ -535,4 +535,19 @@ enum probe_status probe_pmu_disabled(struct probe_ctx *c)
 	json_exceptions(c->obs, v);
 	vm_destroy(&vm);
 	return ret;
+}
+
+enum probe_status probe_hidden_counters(struct probe_ctx *c)
+{
+	return probe_fail(c, "probe %s: not implemented in the native harness yet", c->probe->name);
+}
+
+enum probe_status probe_pmu_enum(struct probe_ctx *c)
+{
+	return probe_fail(c, "probe %s: not implemented in the native harness yet", c->probe->name);
+}
+
+enum probe_status probe_guards(struct probe_ctx *c)
+{
+	return probe_fail(c, "probe %s: not implemented in the native harness yet", c->probe->name);
 }

@@ -88,11 +88,72 @@ static void setup_memory_image(struct vm *vm)
 	memcpy(vm->mem + GUEST_CODE, guest_blob_start, (size_t)(guest_blob_end - guest_blob_start));
 }
 
+struct kvm_cpuid2 *kvm_supported_cpuid(int kvm_fd, char *err, size_t len)
+{
+	int nent = 256;
+
+	for (;;) {
+		struct kvm_cpuid2 *t = calloc(1, sizeof(*t) + (size_t)nent * sizeof(struct kvm_cpuid_entry2));
+
+		if (!t) {
+			snprintf(err, len, "out of memory");
+			return NULL;
+		}
+		t->nent = (uint32_t)nent;
+		if (ioctl(kvm_fd, KVM_GET_SUPPORTED_CPUID, t) == 0)
+			return t;
+		free(t);
+		if (errno != E2BIG || nent >= 4096) {
+			snprintf(err, len, "KVM_GET_SUPPORTED_CPUID: %s", strerror(errno));
+			return NULL;
+		}
+		nent *= 2;
+	}
+}
+
+/* One MSR through KVM_GET_MSRS/KVM_SET_MSRS on fd (a vCPU, or /dev/kvm for feature MSRs). */
+static int msr_ioctl(int fd, unsigned long req, uint32_t msr, uint64_t *val)
+{
+	struct {
+		struct kvm_msrs hdr;
+		struct kvm_msr_entry e;
+	} m;
+	int r;
+
+	memset(&m, 0, sizeof(m));
+	m.hdr.nmsrs = 1;
+	m.e.index = msr;
+	m.e.data = *val;
+	r = ioctl(fd, req, &m);
+	if (r < 0)
+		return errno;
+	if (r != 1)
+		return EINVAL;      /* KVM returns the number of MSRs processed: refused */
+	*val = m.e.data;
+	return 0;
+}
+
+int kvm_feature_msr(int kvm_fd, uint32_t msr, uint64_t *val)
+{
+	*val = 0;
+	return msr_ioctl(kvm_fd, KVM_GET_MSRS, msr, val);
+}
+
+int vcpu_get_msr(struct vcpu *v, uint32_t msr, uint64_t *val)
+{
+	*val = 0;
+	return msr_ioctl(v->fd, KVM_GET_MSRS, msr, val);
+}
+
+int vcpu_set_msr(struct vcpu *v, uint32_t msr, uint64_t val)
+{
+	return msr_ioctl(v->fd, KVM_SET_MSRS, msr, &val);
+}
+
 int vm_create(struct vm *vm, const struct vm_opts *opts)
 {
 	struct kvm_userspace_memory_region region;
 	size_t blob = (size_t)(guest_blob_end - guest_blob_start);
-	int nent = 256;
 
 	memset(vm, 0, sizeof(*vm));
 	vm->kvm_fd = vm->fd = -1;
@@ -142,18 +203,14 @@ int vm_create(struct vm *vm, const struct vm_opts *opts)
 	if (opts->pmu_disable)
 		vm->pmu_cap_errno = vm_pmu_cap_disable(vm);
 
-	for (;;) {
-		vm->cpuid = calloc(1, sizeof(*vm->cpuid) + (size_t)nent * sizeof(struct kvm_cpuid_entry2));
-		if (!vm->cpuid)
+	vm->cpuid = kvm_supported_cpuid(vm->kvm_fd, vm->err, sizeof(vm->err));
+	if (!vm->cpuid)
+		return -1;
+	/* The VMM, not KVM, decides what the guest's CPUID enumerates (see struct guest_pmu_cfg). */
+	if (opts->guest && opts->guest->layout) {
+		vm->guest = *opts->guest;
+		if (vm->guest.layout->encode(&vm->cpuid, &vm->guest.pmu, vm->guest.no_pmu))
 			return fail(vm, "out of memory");
-		vm->cpuid->nent = (uint32_t)nent;
-		if (ioctl(vm->kvm_fd, KVM_GET_SUPPORTED_CPUID, vm->cpuid) == 0)
-			break;
-		free(vm->cpuid);
-		vm->cpuid = NULL;
-		if (errno != E2BIG || nent >= 4096)
-			return fail(vm, "KVM_GET_SUPPORTED_CPUID: %s", strerror(errno));
-		nent *= 2;
 	}
 	return 0;
 }
@@ -308,6 +365,15 @@ int vcpu_add(struct vm *vm, int id, struct vcpu **out)
 	if (e) {
 		fail(vm, "KVM_SET_CPUID2: %s", strerror(e));
 		return e;
+	}
+	/* Host-initiated, after KVM_SET_CPUID2 and before the first KVM_RUN, as vmx_pmu_caps_test.c. */
+	if (vm->guest.layout && vm->guest.perf_capabilities >= 0) {
+		e = vcpu_set_msr(v, MSR_IA32_PERF_CAPABILITIES, (uint64_t)vm->guest.perf_capabilities);
+		if (e) {
+			fail(vm, "KVM_SET_MSRS(IA32_PERF_CAPABILITIES=%#llx) refused: %s",
+			     (unsigned long long)vm->guest.perf_capabilities, strerror(e));
+			return e;
+		}
 	}
 	e = setup_registers(v);
 	if (e) {

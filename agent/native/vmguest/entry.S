@@ -84,11 +84,13 @@ trap_common:
 	iretq
 
 /*
- * void guest_measure(uint32_t msr, uint64_t on, uint64_t off, uint64_t n, uint64_t exit_each)
- *   rdi = msr, rsi = on, rdx = off, rcx = n (>= 1), r8 = exit_each
- * WRMSR(msr, on) opens the window; n iterations of {OUT|NOP, DEC, JNZ}; then 4 moves and
- * WRMSR(msr, off).  Two complete copies, so the exit/no-exit choice costs nothing inside the
- * window: MEASURE_INSNS_PER_ITER = 3, MEASURE_INSNS_EXTRA = 5, one branch (JNZ) per iteration.
+ * void guest_measure(uint32_t msr, uint64_t on, uint64_t off, uint64_t n, uint64_t mode)
+ *   rdi = msr, rsi = on, rdx = off, rcx = n (>= 1), r8 = MEASURE_LOOP_*
+ * WRMSR(msr, on) opens the window; n iterations of the body; then 4 moves and WRMSR(msr, off).
+ * Complete copies per body, so the choice costs nothing inside the window: plain and exit
+ * bodies are 3 instructions, the clflush body 5 (the selftest's "flush the line to force LLC
+ * references and misses", with MFENCE and a load of the flushed line); MEASURE_INSNS_EXTRA = 5,
+ * one branch (JNZ) per iteration.
  */
 	.globl guest_measure
 guest_measure:
@@ -98,6 +100,8 @@ guest_measure:
 	mov %esi, %eax
 	mov %rsi, %rdx
 	shr $32, %rdx
+	cmp $MEASURE_LOOP_CLFLUSH, %r8
+	je 4f
 	test %r8, %r8
 	jz 2f
 	wrmsr			/* ---- window opens after this retires ---- */
@@ -114,6 +118,18 @@ guest_measure:
 3:	nop
 	dec %r10
 	jnz 3b
+	mov %edi, %ecx
+	mov %r9d, %eax
+	mov %r9, %rdx
+	shr $32, %rdx
+	wrmsr			/* ---- counted; window closes ---- */
+	ret
+4:	wrmsr			/* ---- window opens after this retires ---- */
+5:	clflush (%rsp)		/* the return address's line: flushed, then loaded again */
+	mfence
+	mov (%rsp), %r11
+	dec %r10
+	jnz 5b
 	mov %edi, %ecx
 	mov %r9d, %eax
 	mov %r9, %rdx

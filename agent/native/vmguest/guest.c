@@ -212,6 +212,20 @@ static void run_cmd(struct guest_area *a, struct guest_cmd *c)
 		for (uint64_t i = 0; i < c->arg[0]; i++)
 			asm volatile("pause" ::: "memory");
 		break;
+	case OP_MEMLOOP: {
+		/* Loads, stores and read-modify-writes for the masked-event cases (LS_DISPATCH /
+		 * MEM_INST_RETIRED umasks), like pmu_event_filter_test.c's masked-events guest. */
+		volatile uint64_t word = 0;
+
+		for (uint64_t i = 0; i < c->arg[0]; i++) {
+			uint64_t x = word;
+
+			word = x + 1;
+			asm volatile("addq $1, %0" : "+m"(word));
+		}
+		c->out[0] = word;
+		break;
+	}
 	case OP_X2APIC_ENABLE: {
 		uint64_t base;
 
