@@ -1,6 +1,7 @@
 # pmufarm: one entry point for setup, the native harness and the tests.
 PYTHON ?= python3
-APT_PACKAGES ?= chromium cpuid busybox-static qemu-system-x86 openssh-server iproute2 redis-server
+APT_PACKAGES ?= chromium cpuid busybox-static qemu-system-x86 openssh-server iproute2 redis-server \
+	dropbear-bin kexec-tools cpio openssh-sftp-server
 
 .PHONY: setup native test lint bench clean
 
@@ -8,6 +9,7 @@ setup:
 	$(PYTHON) -m pip install -q -e '.[test]'
 	@# Debian extras: chromium renders the HTML matrix test, cpuid decodes dumps, busybox + qemu boot the perf
 	@# guest, sshd + iproute2 make the deploy test's hosts. Tests skip naming whatever is missing.
+	@# dropbear-bin + kexec-tools + cpio build the QEMU farm host of the gate's kexec test.
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) >/dev/null \

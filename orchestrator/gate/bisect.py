@@ -25,7 +25,6 @@ from typing import Any
 
 from orchestrator.gate.apply import git
 from orchestrator.gate.common import GateError
-from orchestrator.gate.provision import provision
 from orchestrator.gate.series import Series
 from orchestrator.gate.verdict import BAD, GOOD, Item, job_outcome, rerun_target
 from orchestrator.inventory import Host
@@ -70,7 +69,8 @@ def search(n: int, test: Callable[[int], str]) -> tuple[int | None, int, int]:
 def bisect(series: Series, commits: list[str], worktree: Path, regressions: list[Item], hosts: list[Host],
            reruns: int, build: Callable[[Path, str, str], Any], execute: Callable[[list[Host], list[str],
                                                                                       RunOptions], str],
-           store: Any, run_options: RunOptions, provision_timeout: float, echo: Any) -> dict[str, Any]:
+           store: Any, run_options: RunOptions, provision: Callable[[list[Host], Any], Any],
+           echo: Any) -> dict[str, Any]:
     """Find the first bad patch; returns the ``bisect`` section of gate.json."""
     n = series.count
     names = {i.host for i in regressions}
@@ -87,7 +87,7 @@ def bisect(series: Series, commits: list[str], worktree: Path, regressions: list
         t = time.monotonic()
         try:
             _run_step(step, worktree, regressions, failing_hosts, reruns, build, execute, store, run_options,
-                      provision_timeout, echo)
+                      provision)
         finally:
             step.seconds = round(time.monotonic() - t, 2)
         echo(f"bisect: {label(k)}: {step.result}" + (f" ({step.detail})" if step.detail else ""))
@@ -114,7 +114,7 @@ def bisect(series: Series, commits: list[str], worktree: Path, regressions: list
 
 def _run_step(step: Step, worktree: Path, regressions: list[Item], hosts: list[Host], reruns: int,
               build: Callable[[Path, str, str], Any], execute: Callable[[list[Host], list[str], RunOptions], str],
-              store: Any, run_options: RunOptions, provision_timeout: float, echo: Any) -> None:
+              store: Any, run_options: RunOptions, provision: Callable[[list[Host], Any], Any]) -> None:
     proc = git(worktree, "checkout", "-q", "--detach", "--force", step.commit, check=False)
     if proc.returncode != 0:
         step.result, step.detail = STOP_STEP, f"git checkout {step.commit[:12]}: {proc.stderr.strip()[:200]}"
@@ -125,7 +125,7 @@ def _run_step(step: Step, worktree: Path, regressions: list[Item], hosts: list[H
         step.result, step.detail = (SKIP_STEP if exc.verdict == "build-failed" else STOP_STEP), str(exc)
         return
     try:
-        prov = provision(hosts, built, provision_timeout, echo)
+        prov = provision(hosts, built)
     except GateError as exc:
         step.result, step.detail = STOP_STEP, str(exc)
         return

@@ -57,6 +57,11 @@ def _state(ctx: click.Context) -> tuple[Path, Path, Any]:
 @click.option("--expires", default=600.0, show_default=True, help="Drop a job no agent took after this many seconds.")
 @click.option("--provision-timeout", default=900.0, show_default=True,
               help="kexec/reboot hosts: seconds for the agent to come back on the new kernel.")
+@click.option("--known-hosts", "known_hosts", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="kexec/reboot hosts: known_hosts file(s) their SSH host keys must be in "
+                   "[default ~/.ssh/known_hosts]; unknown keys are refused.")
+@click.option("--identity", "identities", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="kexec/reboot hosts: SSH private key file(s) [default: ssh-agent and ~/.ssh keys].")
 @click.option("--fresh-baseline", is_flag=True, help="Always run the baseline, never reuse stored results.")
 @click.option("--no-bisect", is_flag=True,
               help="On a regression, do not look for the first bad patch of a multi-patch series.")
@@ -66,7 +71,8 @@ def gate(ctx: click.Context, series: tuple[str, ...], git_range: str | None, mor
          base: str | None, tree: Path, build_cmd: str, build_timeout: float,
          inventory: str, hosts: str | None, select: tuple[str, ...], suites: tuple[str, ...], reruns: int,
          known_issues: Path | None, out: Path | None, timeout: float, expires: float, provision_timeout: float,
-         fresh_baseline: bool, no_bisect: bool) -> None:
+         known_hosts: tuple[Path, ...], identities: tuple[str, ...], fresh_baseline: bool,
+         no_bisect: bool) -> None:
     """Test a patch series against its base on every selected CPU model; exit 0/1/2/3.
 
     `--series out/*.patch` works as the shell expands it: the paths after the first are taken as more
@@ -77,7 +83,8 @@ def gate(ctx: click.Context, series: tuple[str, ...], git_range: str | None, mor
                    "BASE..HEAD) or --range BASE..HEAD", err=True)
         sys.exit(2)
     state_dir, reports_dir, store = _state(ctx)
-    opts = GateOptions(series=specs, tree=tree, bisect=not no_bisect, base=base, build_cmd=build_cmd,
+    opts = GateOptions(series=specs, tree=tree, bisect=not no_bisect, known_hosts=known_hosts,
+                       identities=identities, base=base, build_cmd=build_cmd,
                        build_timeout=build_timeout,
                        inventory=inventory, hosts=hosts, select=select, suites=suites, reruns=reruns,
                        known_issues=known_issues, out=out, timeout=timeout, expires=expires,

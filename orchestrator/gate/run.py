@@ -21,7 +21,7 @@ from orchestrator.gate.baseline import build_digest, find_baselines, host_class,
 from orchestrator.gate.bisect import bisect
 from orchestrator.gate.build import DEFAULT_BUILD_CMD, SIM_FILE, run_build
 from orchestrator.gate.common import EXIT_INCONCLUSIVE, EXIT_INPUT, GateError
-from orchestrator.gate.provision import provision
+from orchestrator.gate.provision import SshOptions, provision
 from orchestrator.gate.series import intake
 from orchestrator.gate.verdict import (
     compare,
@@ -58,6 +58,8 @@ class GateOptions:
     provision_timeout: float = 900.0
     fresh_baseline: bool = False
     bisect: bool = True
+    known_hosts: tuple[Path, ...] = ()
+    identities: tuple[str, ...] = ()
     tty: bool | None = None
 
 
@@ -176,6 +178,7 @@ def _pipeline(o: GateOptions, store: Store, state_dir: Path, out: Path, work: Pa
     if o.reruns < 0:
         raise GateError(EXIT_INPUT, "input-error", "--reruns must be >= 0")
     known = load_known_issues(o.known_issues)
+    ssh = SshOptions(known_hosts=list(o.known_hosts), identities=list(o.identities))
     tree = check_tree(o.tree)
     report["tree"] = tree_identity(tree)
     hosts = select(o, store)
@@ -230,7 +233,7 @@ def _pipeline(o: GateOptions, store: Store, state_dir: Path, out: Path, work: Pa
             if base_build.sim_faults is None and any(h.driver == "model" for h in hosts):
                 report["notes"].append(f"the base tree has no {SIM_FILE}: simulated hosts run it without "
                                        "kernel-induced faults")
-            prov = provision(need, base_build, o.provision_timeout, echo)
+            prov = provision(need, base_build, o.provision_timeout, echo, ssh)
             meta = {**common, "role": "baseline", "kernel": {**kernel, "patchset_hash": ""}}
             meta["gate"] = {**common["gate"], "kernel_faults": prov.kernel_faults}
             new_baseline = _execute(store, state_dir, prov.hosts, suites, o.inventory,
@@ -248,7 +251,7 @@ def _pipeline(o: GateOptions, store: Store, state_dir: Path, out: Path, work: Pa
         if cand_build.sim_faults is None and any(h.driver == "model" for h in hosts):
             report["notes"].append(f"the candidate tree has no {SIM_FILE}: simulated hosts run it without "
                                    "kernel-induced faults")
-        prov = provision(hosts, cand_build, o.provision_timeout, echo)
+        prov = provision(hosts, cand_build, o.provision_timeout, echo, ssh)
         cand_meta = {**common, "role": "candidate",
                      "kernel": {**kernel, "patchset_hash": series.patchset_hash},
                      "series": {"subject": series.subject, "patch_count": series.count,
@@ -297,7 +300,7 @@ def _pipeline(o: GateOptions, store: Store, state_dir: Path, out: Path, work: Pa
                 lambda wt, role, sha: run_build(wt, role, sha, o.build_cmd, o.build_timeout, out),
                 lambda hs, ss, ro: _execute(store, state_dir, hs, ss, o.inventory, ro, echo),
                 store, RunOptions(timeout=o.timeout, expires=o.expires, meta=cand_meta, tty=o.tty),
-                o.provision_timeout, echo)
+                lambda hs, b: provision(hs, b, o.provision_timeout, echo, ssh), echo)
             timing["bisect"] = round(time.monotonic() - t, 2)
             timing["to_first_bad"] = round(time.monotonic() - t0, 2)
         elif verdict == "regression" and series.count > 1:
