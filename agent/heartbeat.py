@@ -1,9 +1,17 @@
 """Agent liveness in Redis: a heartbeat per host from the worker's main process, busy state from tasks.
 
 Keys (all in the broker's Redis):
-- ``pmufarm:heartbeat`` hash: host -> {"ts", "node", "pid", "interval", "revision"}; written every
+- ``pmufarm:heartbeat`` hash: host -> {"ts", "bts", "node", "pid", "interval", "revision"}; written every
   ``FARM_HEARTBEAT_INTERVAL`` seconds by a thread of the worker's main process. A SIGSTOPped or
   killed worker stops writing, which is how the orchestrator tells a wedged host from a slow suite.
+  ``bts`` is the broker's clock (Redis ``TIME``) at the beat: liveness compares only broker times,
+  never the agent's wall clock with the orchestrator's (``ts`` is the agent's, for display).
+- ``pmufarm:stop:<task id>``: set by the orchestrator when it gives an attempt up; the task polls it
+  and kills its suite (Celery's revoke needs remote control, which agents keep off).
+
+Why not Celery's own liveness: worker-heartbeat events and ``inspect ping`` both need the worker's
+remote control / event channels, which a farm agent disables (anyone holding the broker password could
+shut it down through them), and event timestamps are the worker's wall clock.
 - ``pmufarm:busy`` hash: host -> {"run_id", "suite", "attempt", "since"}; set by the task itself.
 - ``pmufarm:facts`` hash: host -> facts JSON, published once when the worker starts.
 """
@@ -24,8 +32,41 @@ HEARTBEAT_KEY, BUSY_KEY, FACTS_KEY = "pmufarm:heartbeat", "pmufarm:busy", "pmufa
 log = logging.getLogger("pmufarm.agent")
 
 
+STOP_PREFIX = "pmufarm:stop:"
+
+
 def interval() -> float:
     return float(os.environ.get("FARM_HEARTBEAT_INTERVAL", "10"))
+
+
+def agent_clock() -> float:
+    """The agent's wall clock. FARM_TEST_CLOCK_SKEW (seconds) shifts it: the boundary a test uses to fake
+    an agent whose clock disagrees with the orchestrator's. Liveness must not depend on it."""
+    return time.time() + float(os.environ.get("FARM_TEST_CLOCK_SKEW", "0"))
+
+
+def broker_time(client: redis.Redis) -> float:
+    """The broker's clock (Redis TIME), the one clock every farm party reads alike."""
+    sec, usec = client.time()
+    return float(sec) + float(usec) / 1e6
+
+
+def broker_now(url: str) -> float | None:
+    try:
+        return broker_time(_client(url))
+    except redis.RedisError:
+        return None
+
+
+def request_stop(client: redis.Redis, task_id: str, ttl: float = 7 * 86400) -> None:
+    client.set(STOP_PREFIX + task_id, "1", ex=max(int(ttl), 1))
+
+
+def stop_requested(url: str, task_id: str) -> bool:
+    try:
+        return bool(_client(url).exists(STOP_PREFIX + task_id))
+    except redis.RedisError:
+        return False  # broker away: keep running, the orchestrator judges the job when it is back
 
 
 _clients: dict[str, redis.Redis] = {}
@@ -55,7 +96,8 @@ class Heartbeat(threading.Thread):
         self.stop_event = threading.Event()
 
     def beat(self) -> None:
-        record = json.dumps({"ts": time.time(), "node": self.node, "pid": os.getpid(), "interval": interval(),
+        record = json.dumps({"ts": agent_clock(), "bts": broker_time(self.client), "node": self.node,
+                             "pid": os.getpid(), "interval": interval(),
                              "revision": os.environ.get("PMUFARM_REVISION")})
         self.client.hset(HEARTBEAT_KEY, mapping={h: record for h in self.hosts})
 
@@ -77,7 +119,7 @@ def set_busy(broker_url: str, host: str, job: dict[str, Any] | None) -> None:
     if job is None:
         client.hdel(BUSY_KEY, host)
     else:
-        client.hset(BUSY_KEY, host, json.dumps({**job, "since": time.time()}))
+        client.hset(BUSY_KEY, host, json.dumps({**job, "since": agent_clock()}))
 
 
 def read_state(client: redis.Redis) -> dict[str, dict[str, Any]]:

@@ -15,6 +15,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -187,8 +188,12 @@ def pytest_main(args: list[str]) -> int:
 
 
 def run_suite_job(host: dict[str, Any], suite: str, run_id: str, attempt: int = 1, timeout: float = 3600,
-                  report: Any = None, only: list[str] | None = None) -> dict[str, Any]:
-    """Run one suite for one host; always returns a job dict (contracts §5), never raises for test outcomes."""
+                  report: Any = None, only: list[str] | None = None,
+                  stopped: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """Run one suite for one host; always returns a job dict (contracts §5), never raises for test outcomes.
+
+    ``stopped()`` is polled about once a second: true when the orchestrator gave this attempt up.
+    """
     started = _now()
     job: dict[str, Any] = {"run_id": run_id, "host": host.get("name"), "suite": suite, "attempt": attempt,
                            "status": "error", "exit_code": None, "facts": {}, "tests": [],
@@ -240,8 +245,9 @@ def run_suite_job(host: dict[str, Any], suite: str, run_id: str, attempt: int = 
         tail = _ProgressTail(progress, report) if report else None
         if tail:
             tail.start()
+        gave_up = False
         try:
-            rc = proc.wait(timeout=timeout)
+            rc, gave_up = _wait_or_stop(proc, timeout, stopped)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -259,7 +265,10 @@ def run_suite_job(host: dict[str, Any], suite: str, run_id: str, attempt: int = 
         job["tests"] = data.get("tests", [])
     if junit.exists():
         job["junit_path"] = str(junit)  # the agent's own copy; the orchestrator renders its reports
-    if rc is None:
+    if gave_up:
+        job["status"] = "infra_error"
+        job["log_tail"] = "stopped: the orchestrator gave this attempt up; suite killed\n" + job["log_tail"]
+    elif rc is None:
         job["status"] = "timeout"
         # pytest was killed before writing its results: keep what the progress stream saw finish.
         from agent.progress_plugin import read_stream
@@ -285,12 +294,36 @@ def run_suite_job(host: dict[str, Any], suite: str, run_id: str, attempt: int = 
     return job
 
 
+def _wait_or_stop(proc: Any, timeout: float, stopped: Callable[[], bool] | None) -> tuple[int, bool]:
+    """(exit code, stopped): wait for the suite, killing its process group when ``stopped()`` says so.
+
+    Raises TimeoutExpired after ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise subprocess.TimeoutExpired("pytest", timeout)
+        try:
+            return proc.wait(timeout=min(left, 1.0) if stopped else left), False
+        except subprocess.TimeoutExpired:
+            if stopped is not None and time.monotonic() < deadline and stopped():
+                os.killpg(proc.pid, signal.SIGKILL)
+                return proc.wait(), True
+
+
 @shared_task(name=RUN_SUITE, bind=True)
 def run_suite(self: Any, host: dict[str, Any], suite: str, run_id: str, attempt: int = 1,
               timeout: float = 3600, only: list[str] | None = None) -> dict[str, Any]:
     # The worker's pid ties this job to one life of the agent: a restarted agent has another.
+    # since_bts: the broker's clock at the start; the orchestrator counts liveness from it (never wall clocks).
+    broker = self.app.conf.broker_url
     ident = {"host": host.get("name"), "suite": suite, "node": self.request.hostname, "worker_pid": os.getppid(),
-             "since": time.time()}
+             "since": heartbeat.agent_clock(), "since_bts": heartbeat.broker_now(broker)}
+    task_id = self.request.id
+
+    def stopped() -> bool:
+        return bool(task_id) and heartbeat.stop_requested(broker, task_id)
 
     # The progress thread has no task context (Celery's request stack is thread-local): pass the id.
     task_id = self.request.id
@@ -302,11 +335,10 @@ def run_suite(self: Any, host: dict[str, Any], suite: str, run_id: str, attempt:
 
     log.info("run %s: host %s suite %s attempt %d", run_id, host.get("name"), suite, attempt)
     t0 = time.monotonic()
-    broker = self.app.conf.broker_url
     _busy(broker, host.get("name"), {"run_id": run_id, "suite": suite, "attempt": attempt,
                                      "node": self.request.hostname})
     try:
-        job = run_suite_job(host, suite, run_id, attempt, timeout, report, only)
+        job = run_suite_job(host, suite, run_id, attempt, timeout, report, only, stopped)
     finally:
         _busy(broker, host.get("name"), None)
     log.info("run %s: host %s suite %s -> %s in %.1fs", run_id, host.get("name"), suite, job["status"],

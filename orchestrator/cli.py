@@ -269,12 +269,15 @@ def host_rows(store: Store, inv: list[Host]) -> list[dict[str, Any]]:
 
     stored = store.host_facts()
     live: dict[str, dict[str, Any]] = {}
+    now = time.time()
     broker = os.environ.get("FARM_BROKER_URL")
     if broker:
-        from agent.heartbeat import read_state, redis_from_url
+        from agent.heartbeat import broker_time, read_state, redis_from_url
 
         try:
-            live = read_state(redis_from_url(broker))
+            client = redis_from_url(broker)
+            live = read_state(client)
+            now = broker_time(client)  # beats carry the broker's clock: no two machines' clocks compared
         except Exception as exc:  # noqa: BLE001 - an unreachable broker still lets us show stored state
             click.echo(f"orchestrator: broker unreachable, showing stored state only: {type(exc).__name__}", err=True)
     rows = []
@@ -283,7 +286,7 @@ def host_rows(store: Store, inv: list[Host]) -> list[dict[str, Any]]:
         hb = (live.get(h.name) or {}).get("heartbeat")
         facts = (live.get(h.name) or {}).get("facts") or st.get("facts") or {}
         cpu, med = facts.get("cpu") or {}, facts.get("mediated_pmu") or {}
-        age = time.time() - float(hb["ts"]) if hb else None
+        age = (now - float(hb["bts"]) if "bts" in hb else time.time() - float(hb["ts"])) if hb else None
         state = st.get("state", "unknown")
         if state not in ("quarantined", "maintenance", "bad"):
             if age is None or age > 2 * float(hb.get("interval", 10)):

@@ -21,7 +21,8 @@ from celery import Celery
 from celery.result import AsyncResult
 
 from agent.celery_app import RUN_SUITE, host_queue
-from agent.heartbeat import read_state, redis_from_url
+from agent.heartbeat import broker_time, read_state, redis_from_url, request_stop
+from agent.heartbeat import interval as heartbeat_interval
 from orchestrator import health
 from orchestrator.inventory import Host
 from orchestrator.store import FINAL_JOB_STATES, Store
@@ -57,7 +58,8 @@ class Dispatcher:
         self._redis: redis.Redis | None = None
         self._liveness: dict[str, dict[str, Any]] = {}
         self._liveness_at = 0.0
-        self._broker_up_since = time.time()
+        self._broker_now: float | None = None  # Redis TIME at the last liveness read
+        self._broker_up_since = float("inf")
 
     # sending ----------------------------------------------------------------------------------------
     def send(self, host: Host, suite: str, attempt: int = 1, only: list[str] | None = None,
@@ -86,7 +88,7 @@ class Dispatcher:
 
     # watching ---------------------------------------------------------------------------------------
     def liveness(self) -> dict[str, dict[str, Any]]:
-        """Heartbeats, at most once a second; {} when the broker cannot be read (judged again later)."""
+        """Heartbeats and the broker's clock, at most once a second; {} when the broker cannot be read."""
         if time.monotonic() - self._liveness_at < 1.0:
             return self._liveness
         self._liveness_at = time.monotonic()
@@ -94,39 +96,64 @@ class Dispatcher:
             if self._redis is None:
                 self._redis = redis_from_url(self.app.conf.broker_url)
             self._liveness = read_state(self._redis)
+            # Read after the beats: every beat in the snapshot is at most this old by the broker's clock.
+            self._broker_now = broker_time(self._redis)
             # The server's own uptime also covers restarts this loop never saw failing.
             uptime = float(self._redis.info("server")["uptime_in_seconds"])
         except redis.RedisError:
-            self._liveness = {}
-            self._broker_up_since = float("inf")
+            self._liveness, self._broker_now = {}, None
             return self._liveness
-        self._broker_up_since = min(time.time(), max(time.time() - uptime, self._broker_up_since_floor()))
+        self._broker_up_since = self._broker_now - uptime
         return self._liveness
 
-    def _broker_up_since_floor(self) -> float:
-        return self._broker_up_since if self._broker_up_since != float("inf") else 0.0
+    @staticmethod
+    def _limit(hb: dict[str, Any] | None) -> float:
+        # Two missed beats, plus slack for a loaded machine's scheduling of the beating thread.
+        return 2 * float((hb or {}).get("interval") or heartbeat_interval()) + 2.0
 
-    def _stale(self, host: str) -> float | None:
-        """Seconds since the host's last heartbeat when that exceeds two intervals, else None."""
-        hb = (self.liveness().get(host) or {}).get("heartbeat")
-        if not hb:
+    def _job_clock(self, p: Pending) -> tuple[float, float] | None:
+        """(broker time now, broker time of the last sign of life of the worker running ``p``), or None.
+
+        Only the job's own worker speaks for it: its beats, or the job's start itself. A beat from another
+        life of the agent (the one that died before this job began) says nothing about this job
+        (a restarted agent beats once and starts its next job within milliseconds).
+        """
+        hb = (self.liveness().get(p.host.name) or {}).get("heartbeat")
+        now = self._broker_now
+        if now is None:
             return None
-        now, limit = time.time(), 2 * float(hb.get("interval", 10))
-        age = now - float(hb["ts"])
+        since = p.progress.get("since_bts")
+        if since is None and p.started_at is not None:
+            since = now - (self._liveness_at - p.started_at)  # first seen running, moved to the broker's clock
+        if since is None:
+            return None
+        last = float(since)
+        if hb and hb.get("bts") is not None and hb.get("pid") == p.progress.get("worker_pid"):
+            last = max(last, float(hb["bts"]))
+        return now, last
+
+    def _stale(self, p: Pending) -> float | None:
+        """Seconds since the last sign of life of the job's worker when that exceeds the limit, else None."""
+        clock = self._job_clock(p)
+        if clock is None:
+            return None
+        now, last = clock
+        limit = self._limit((self.liveness().get(p.host.name) or {}).get("heartbeat"))
         # After a broker outage the agents need a moment to beat again; don't blame them for it.
         if now - self._broker_up_since < limit:
             return None
+        age = now - last
         return age if age > limit else None
 
     def _restarted(self, p: Pending) -> str | None:
         """The agent that started this job is gone but its host beats again: a new life of the agent."""
-        started_by, since = p.progress.get("worker_pid"), p.progress.get("since", 0.0)
+        started_by, since = p.progress.get("worker_pid"), p.progress.get("since_bts")
         hb = (self.liveness().get(p.host.name) or {}).get("heartbeat")
-        if not started_by or not hb or hb.get("pid") == started_by:
+        if not started_by or since is None or not hb or hb.get("pid") == started_by or hb.get("bts") is None:
             return None
-        if float(hb["ts"]) <= float(since):
+        if float(hb["bts"]) <= float(since):
             return None  # a beat from before this job began: the new agent has not beaten yet
-        if time.time() - float(hb["ts"]) > 2 * float(hb.get("interval", 10)):
+        if self._broker_now is None or self._broker_now - float(hb["bts"]) > self._limit(hb):
             return None  # not beating at all: _stale() speaks for that
         return (f"agent on {p.host.name} restarted mid-suite (worker pid {started_by} gone, now {hb.get('pid')}); "
                 "agent lost mid-suite")
@@ -196,7 +223,7 @@ class Dispatcher:
             if info and info != p.progress:
                 p.progress = info
                 changed = True
-            stale = self._stale(p.host.name)
+            stale = self._stale(p)
             restarted = self._restarted(p)
             if restarted:
                 job = self._infra(p, restarted)
@@ -207,6 +234,7 @@ class Dispatcher:
                 retry = True
             elif time.monotonic() - p.started_at > self.timeout + 120:
                 job = self._infra(p, f"no result {self.timeout + 120:g}s after the job started", "timeout")
+                self._stop(p)
             if job is None:
                 return changed
         elif time.monotonic() - p.queued_at > self.expires:
@@ -235,9 +263,20 @@ class Dispatcher:
         with contextlib.suppress(redis.RedisError):
             p.result.forget()
         if retry:
-            p.result.revoke()
+            self._stop(p)
             if p.attempt < max_attempts():
                 self.send(p.host, p.suite, p.attempt + 1, p.only)
+
+    def _stop(self, p: Pending) -> None:
+        """Give an attempt up for good: the agent's task polls this key and kills its suite, so a job judged
+        lost never runs on beside its retry (Celery's revoke cannot reach agents without remote control)."""
+        p.result.revoke()  # still stops a message no worker has taken yet
+        try:
+            if self._redis is None:
+                self._redis = redis_from_url(self.app.conf.broker_url)
+            request_stop(self._redis, p.result.id)
+        except redis.RedisError:
+            pass  # broker away: the agent's result will be refused by finish_job's exactly-once rule
 
     def _interval(self, base: float) -> float:
         """Poll fast for a few jobs, slower for a big farm: a tick costs work per open job."""

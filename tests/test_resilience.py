@@ -200,3 +200,116 @@ def test_orchestrator_restart_picks_run_up(tmp_path: Path, broker: RedisServer, 
     assert db(env, "SELECT status FROM runs") == [("done",)]
     assert sorted(db(env, "SELECT suite, status FROM jobs")) == [("slow", "passed"), ("smoke", "passed")]
     assert (tmp_path / "r" / run_id / "summary.md").exists()
+
+
+# ---- liveness judged right (issue 19): only the job's own worker speaks for it, on the broker's clock.
+# The clock skew is faked at one boundary we control: FARM_TEST_CLOCK_SKEW shifts the agent's wall clock
+# (agent.heartbeat.agent_clock), because two machines with skewed clocks cannot exist in CI.
+
+def _executions(env: dict[str, str]) -> int:
+    marker = Path(env["PMUFARM_TEST_MARKER"])
+    return len(marker.read_text().split()) if marker.exists() else 0
+
+
+def test_agent_clock_behind_by_15s_is_not_lost(tmp_path: Path, broker: RedisServer, env: dict[str, str]) -> None:
+    """The agent's clock 15 s behind the orchestrator's: its live job must not look 15 s stale."""
+    env |= {"PMUFARM_TEST_SLEEP": "4", "FARM_MAX_ATTEMPTS": "1"}
+    mark_good(env, ["skewed"])
+    worker = start_worker(env | {"FARM_TEST_CLOCK_SKEW": "-15"}, ["skewed"], tmp_path / "logs")
+    proc = submit_bg(env, "--reports-dir", str(tmp_path / "r"), "submit", "suites/slow", "--inventory",
+                     str(inventory(tmp_path, ["skewed"])))
+    try:
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        worker.stop()
+    assert proc.returncode == 0, out
+    assert db(env, "SELECT attempt, status FROM jobs WHERE suite='slow'") == [(1, "passed")], out
+    assert _executions(env) == 1
+
+
+def test_agent_clock_ahead_by_15s_wedge_is_seen(tmp_path: Path, broker: RedisServer, env: dict[str, str]) -> None:
+    """The agent's clock 15 s ahead: a wedged (SIGSTOPped) agent must still be found out, within the limit."""
+    env |= {"PMUFARM_TEST_SLEEP": "30", "FARM_MAX_ATTEMPTS": "1", "FARM_QUARANTINE_AFTER": "100"}
+    mark_good(env, ["ahead"])
+    worker = start_worker(env | {"FARM_TEST_CLOCK_SKEW": "15"}, ["ahead"], tmp_path / "logs")
+    proc = submit_bg(env, "--reports-dir", str(tmp_path / "r"), "submit", "suites/slow", "--inventory",
+                     str(inventory(tmp_path, ["ahead"])))
+    try:
+        wait_for(lambda: busy(broker), 60, "the suite to start", proc)
+        os.killpg(worker.proc.pid, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        out, _ = proc.communicate(timeout=60)
+        # The limit is 2 intervals + 2 s (4 s here); before the fix the 15 s skew added 15 s to it.
+        assert time.monotonic() - stopped_at < 13, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.killpg(worker.proc.pid, signal.SIGCONT)
+        worker.stop()
+    assert proc.returncode == 3, out
+    (status, tail), = db(env, "SELECT status, log_tail FROM jobs WHERE suite='slow'")
+    assert status == "infra_error" and "stopped heartbeating" in tail, out
+
+
+def test_agent_back_after_25s_runs_its_next_job(tmp_path: Path, broker: RedisServer, env: dict[str, str]) -> None:
+    """Farm interval (10 s); the agent dies mid-suite and comes back 25 s later (a reboot, a slow restart).
+
+    The killed attempt is infra_error; the jobs the new agent runs must pass, not be judged by the dead
+    agent's last beat.
+    """
+    env |= {"FARM_HEARTBEAT_INTERVAL": "10", "PMUFARM_TEST_SLEEP": "3", "FARM_MAX_ATTEMPTS": "2",
+            "FARM_QUARANTINE_AFTER": "100"}
+    mark_good(env, ["reboot", "other"])
+    worker = start_worker(env, ["reboot"], tmp_path / "logs")
+    # A farm has other hosts busy meanwhile; their jobs keep the orchestrator reading heartbeats every second.
+    other = start_worker(env | {"PMUFARM_TEST_SLEEP": "20"}, ["other"], tmp_path / "logs")
+    proc = submit_bg(env, "--reports-dir", str(tmp_path / "r"), "submit", "suites/slow", "suites/slow2",
+                     "--inventory", str(inventory(tmp_path, ["reboot", "other"])), "--expires", "300")
+    try:
+        wait_for(lambda: "reboot" in busy(broker), 60, "the first suite to start", proc)
+        time.sleep(0.5)
+        os.killpg(worker.proc.pid, signal.SIGKILL)
+        worker.proc.wait()
+        time.sleep(25)
+        worker = start_worker(env, ["reboot"], tmp_path / "logs")
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        worker.stop()
+        other.stop()
+    rows = db(env, "SELECT host, suite, attempt, status FROM jobs ORDER BY id")
+    assert proc.returncode == 0, (rows, out)
+    finals = sorted((h, s, st) for h, s, _, st in rows if st != "infra_error")
+    assert finals == [(h, s, "passed") for h in ("other", "reboot") for s in ("slow", "slow2")], (rows, out)
+    assert [r[3] for r in rows].count("infra_error") == 1, rows  # only the killed attempt
+
+
+def test_given_up_attempt_stops_on_the_agent(tmp_path: Path, broker: RedisServer, env: dict[str, str]) -> None:
+    """Only the worker's main process wedges (no beats), its pool process runs on: once the orchestrator
+    gives the attempt up, the agent kills the suite instead of running it beside a retry."""
+    env |= {"PMUFARM_TEST_SLEEP": "60", "FARM_MAX_ATTEMPTS": "1", "FARM_QUARANTINE_AFTER": "100"}
+    mark_good(env, ["half"])
+    worker = start_worker(env, ["half"], tmp_path / "logs")
+    proc = submit_bg(env, "--reports-dir", str(tmp_path / "r"), "submit", "suites/slow", "--inventory",
+                     str(inventory(tmp_path, ["half"])))
+    try:
+        wait_for(lambda: _executions(env), 60, "the suite to start", proc)
+        suite_pid = int(Path(env["PMUFARM_TEST_MARKER"]).read_text().split()[0])
+        os.kill(worker.proc.pid, signal.SIGSTOP)  # the main process only: heartbeats stop
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 3, out
+
+        def gone() -> bool:
+            try:
+                return Path(f"/proc/{suite_pid}/stat").read_text().split()[2] == "Z"
+            except FileNotFoundError:
+                return True
+        wait_for(gone, 20, "the given-up suite to be killed")  # well before its 60 s sleep ends
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.kill(worker.proc.pid, signal.SIGCONT)
+        worker.stop()
