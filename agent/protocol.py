@@ -101,12 +101,14 @@ GUEST_PMU_PARAMS: dict[str, int] = {
 GUEST_PMU_OBS = (
     '"guest_pmu": {"version": v, "gp_counters": n, "gp_width": w, "fixed_counters": m (highest '
     'supported index + 1), "fixed_bitmap": b (supported fixed counters), "fixed_width": w, '
-    '"perf_capabilities": v or null (host KVM_GET_MSRS on the vCPU; null on AMD), "perfctr_core": '
+    '"perf_capabilities": v or null (the value the host set, else KVM\'s default from its feature MSR; '
+    'null on AMD), "perfctr_core": '
     'bool, "perfmon_v2": bool} -- the PMU the harness put in the guest CPUID, decoded like the host\'s; '
     '"kvm_path": {"global_ctrl": "intercepted"|"passthrough", "rdpmc": "intercepted"|"passthrough", '
     '"how": "derived", "inputs": {"guest_gp": n, "host_gp": n, "guest_fixed": m, "host_fixed": m, '
     '"guest_gp_width": w, "host_gp_width": w, "guest_fixed_width": w, "host_fixed_width": w, '
-    '"guest_global_ctrl": bool, "vmware_backdoor": bool or null}} -- derived from KVM\'s rule '
+    '"guest_global_ctrl": bool, "vmware_backdoor": bool or null, "mediated": bool (the verdict)}} -- '
+    'derived from KVM\'s rule '
     '(arch/x86/kvm/pmu.c kvm_need_any_pmc_intercept / kvm_need_perf_global_ctrl_intercept / '
     'kvm_need_rdpmc_intercept: the guest\'s GP and fixed counts differ from the host\'s, no '
     'global control, counter widths differ, or the VMware backdoor), not observed'
@@ -277,7 +279,7 @@ PROBES: dict[str, ProbeSpec] = {p.name: p for p in [
               "the 7 upstream masked-event cases (pmu_event_filter_test.c test_cases: loads, stores, "
               "loads+stores via Intel MEM_INST_RETIRED 0xd0 umask 0x81/0x82/0x83 or AMD LS_DISPATCH 0x29 umask "
               "bit 0/1/2 on GP 0-2 over a load/store/read-modify-write loop), with the case's entries alone "
-              "(density=sparse) or after 297 dummy entries (density=dense, add_dummy_events)",
+              "(density=sparse) or after 290 dummy entries (density=dense, add_dummy_events: 300 - MAX_TEST_EVENTS)",
               '"density": d, "nevents_dummy": n, "cases": [{"case": i (0..6, upstream order), "set_errno": e, '
               '"events": [entries], "counts": {"loads": c, "stores": c, "loads_stores": c}}], "exceptions": [...]'),
     ProbeSpec("filter_fixed_bitmap", True, {"iterations": 1000},
@@ -303,7 +305,8 @@ PROBES: dict[str, ProbeSpec] = {p.name: p for p in [
               "overflow and PMI on every GP and fixed counter in turn (kvm-unit-tests x86/pmu.c "
               "check_counter_overflow): branches preset 64 from overflow, with and without the INT bit; after "
               "each PMI the guest reads LVTPC (Intel sets its mask bit on delivery) and unmasks it again",
-              '"event": "branches", "vector": v, "counters": [{"kind": "gp"|"fixed", "index": i, "int": bool, '
+              '"event": "branches", "vector": v, "counters": [{"kind": "gp"|"fixed", "index": i, "event": name (GP: '
+              'branches; fixed j: its own event), "int": bool, '
               '"count": c (after the wrap), "global_status": v or null, "interrupts": n, "lvtpc_after": v or '
               'null}], "exceptions": [...]'),
 ]}

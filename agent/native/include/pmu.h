@@ -59,6 +59,21 @@ struct pmu_info {
 	bool has_status_set;    /* GLOBAL_STATUS_SET: Intel v4+, AMD PerfMonV2 */
 };
 
+/* An MSR access that must #GP in a mediated guest (probe guards). */
+struct guard_msr {
+	const char *name;       /* the case name in the observations */
+	bool write;
+	uint32_t msr;
+	uint64_t value;         /* written */
+};
+
+/* One upstream masked-event case: up to two entries on the layout's memory event select. */
+struct masked_case {
+	int n;
+	struct { uint8_t mask, match; bool exclude; } e[2];
+};
+#define MASKED_CASES 7
+
 struct pmu_layout {
 	const char *vendor;             /* "intel" | "amd" */
 	const char *vendor_id;          /* CPUID.0 string */
@@ -85,6 +100,9 @@ struct pmu_layout {
 	/* Further MSRs the probes touch (0 = the vendor has none). */
 	uint32_t k7_sel_base, k7_ctr_base, k7_count;   /* AMD legacy PERFEVTSEL0-3 / PERFCTR0-3 */
 	const struct pmu_event *mem_events;            /* loads, stores, loads+stores (masked-event tests) */
+	const struct masked_case *masked_cases;        /* MASKED_CASES, pmu_event_filter_test.c order */
+	const struct guard_msr *guards;                /* vendor MSRs a mediated guest must not reach */
+	size_t nguards;
 };
 
 #define MSR_IA32_PERF_CAPABILITIES 0x345

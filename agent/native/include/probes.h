@@ -77,6 +77,8 @@ enum probe_status probe_need_counters(struct probe_ctx *c, int gp);
 int probe_vm(struct probe_ctx *c, struct vm *vm, struct vcpu **v, const struct vm_opts *o);
 /* Default VM options with the probe's guest PMU (for probes that call vm_create themselves). */
 struct vm_opts probe_opts(const struct probe_ctx *c);
+/* The guest_pmu observation shape for any PMU view. */
+void json_pmu_info(struct json *j, const char *key, const struct pmu_info *p, int64_t perf_caps);
 /* CPUID.1:EDX[19] in the guest's CPUID (KVM's supported table). */
 bool probe_guest_has_clflush(const struct probe_ctx *c);
 /* Whether the guest's full-width counter alias (IA32_PMCx) is usable: FW_WRITES, or not Intel. */

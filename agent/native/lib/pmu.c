@@ -177,6 +177,44 @@ static int amd_encode(struct kvm_cpuid2 **t, const struct pmu_info *p, bool no_p
 	return 0;
 }
 
+/*
+ * PEBS, DS and LBR MSRs: the mediated vPMU exposes neither PEBS nor LBR (vmx_get_perf_capabilities
+ * clears the formats when enable_mediated_pmu), so each must #GP.  MSR numbers: SDM Vol. 4
+ * (IA32_PEBS_ENABLE 0x3f1, IA32_DS_AREA 0x600, MSR_LBR_SELECT 0x1c8, MSR_LBR_TOS 0x1c9,
+ * MSR_LBR_NHM_FROM 0x680, IA32_ARCH_LBR_CTL 0x14ce); AMD MSR_AMD64_LBR_SELECT 0xc000010e.
+ */
+static const struct guard_msr intel_guards[] = {
+	{ "pebs_enable", true, 0x3f1, 1 },
+	{ "ds_area", true, 0x600, 0x200000 },
+	{ "lbr_select", false, 0x1c8, 0 },
+	{ "lbr_tos", false, 0x1c9, 0 },
+	{ "lbr_from0", false, 0x680, 0 },
+	{ "arch_lbr_ctl", false, 0x14ce, 0 },
+};
+static const struct guard_msr amd_guards[] = {
+	{ "amd_lbr_select", false, 0xc000010e, 0 },
+};
+
+/* pmu_event_filter_test.c test_cases, in order: (mask, match, exclude) on the memory select. */
+static const struct masked_case intel_masked[MASKED_CASES] = {
+	{ 1, { { 0xff, 0x81, false } } },
+	{ 1, { { 0xff, 0x82, false } } },
+	{ 1, { { 0xff, 0x83, false } } },
+	{ 2, { { 0x7c, 0, false }, { 0xff, 0x83, true } } },
+	{ 2, { { 0x7c, 0, false }, { 0xff, 0x82, true } } },
+	{ 1, { { 0xfe, 0x82, false } } },
+	{ 1, { { 0x7c, 0, false } } },
+};
+static const struct masked_case amd_masked[MASKED_CASES] = {
+	{ 1, { { 0xff, 0x01, false } } },
+	{ 1, { { 0xff, 0x02, false } } },
+	{ 1, { { 0xff, 0x04, false } } },
+	{ 1, { { 0xfc, 0, false } } },
+	{ 2, { { 0xf8, 0, false }, { 0xff, 0x02, true } } },
+	{ 2, { { 0xf8, 0, false }, { 0xff, 0x01, true } } },
+	{ 1, { { 0xf8, 0, false } } },
+};
+
 const struct pmu_layout intel_layout = {
 	.vendor = "intel", .vendor_id = "GenuineIntel", .kvm_module = "kvm_intel",
 	.sel_base = 0x186, .ctr_base = 0x4c1, .stride = 1, .max_gp = 8,
@@ -189,7 +227,8 @@ const struct pmu_layout intel_layout = {
 	.events = intel_events, .nevents = ARRAY_SIZE(intel_events),
 	.fixed_events = intel_fixed, .nfixed_events = ARRAY_SIZE(intel_fixed),
 	.decode = intel_decode, .encode = intel_encode,
-	.mem_events = intel_mem_events,
+	.mem_events = intel_mem_events, .masked_cases = intel_masked,
+	.guards = intel_guards, .nguards = ARRAY_SIZE(intel_guards),
 };
 
 const struct pmu_layout amd_layout = {
@@ -201,7 +240,8 @@ const struct pmu_layout amd_layout = {
 	.events = amd_events, .nevents = ARRAY_SIZE(amd_events),
 	.decode = amd_decode, .encode = amd_encode,
 	.k7_sel_base = 0xc0010000, .k7_ctr_base = 0xc0010004, .k7_count = 4,
-	.mem_events = amd_mem_events,
+	.mem_events = amd_mem_events, .masked_cases = amd_masked,
+	.guards = amd_guards, .nguards = ARRAY_SIZE(amd_guards),
 };
 
 const struct pmu_layout *pmu_layout_for(const char *vendor_id)

@@ -499,21 +499,19 @@ static void json_kvm_path(struct probe_ctx *c)
 	json_obj_end(c->obs);
 }
 
-static void json_guest_pmu(struct probe_ctx *c)
+void json_pmu_info(struct json *j, const char *key, const struct pmu_info *p, int64_t perf_caps)
 {
-	const struct pmu_info *p = &c->pmu;
-
-	json_obj_begin(c->obs, "guest_pmu");
-	json_i64(c->obs, "version", p->version);
-	json_i64(c->obs, "gp_counters", p->gp);
-	json_i64(c->obs, "gp_width", p->gp_width);
-	json_i64(c->obs, "fixed_counters", p->fixed);
-	json_u64(c->obs, "fixed_bitmap", p->fixed_mask);
-	json_i64(c->obs, "fixed_width", p->fixed_width);
-	json_opt_i64(c->obs, "perf_capabilities", c->perf_caps);
-	json_bool(c->obs, "perfctr_core", p->perfctr_core);
-	json_bool(c->obs, "perfmon_v2", p->perfmon_v2);
-	json_obj_end(c->obs);
+	json_obj_begin(j, key);
+	json_i64(j, "version", p->version);
+	json_i64(j, "gp_counters", p->gp);
+	json_i64(j, "gp_width", p->gp_width);
+	json_i64(j, "fixed_counters", p->fixed);
+	json_u64(j, "fixed_bitmap", p->fixed_mask);
+	json_i64(j, "fixed_width", p->fixed_width);
+	json_opt_i64(j, "perf_capabilities", perf_caps);
+	json_bool(j, "perfctr_core", p->perfctr_core);
+	json_bool(j, "perfmon_v2", p->perfmon_v2);
+	json_obj_end(j);
 }
 
 __attribute__((format(printf, 2, 3)))
@@ -632,7 +630,7 @@ static enum probe_status run_shaped(struct probe_ctx *c)
 	st = probe_shape(c);
 	if (st != PROBE_OK)
 		return st;
-	json_guest_pmu(c);
+	json_pmu_info(c->obs, "guest_pmu", &c->pmu, c->perf_caps);
 	json_kvm_path(c);
 	return c->probe->body(c);
 }

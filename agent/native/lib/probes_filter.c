@@ -86,6 +86,14 @@ static int build_case(struct probe_ctx *c, const char *name, struct filter *f)
 	} else if (!strcmp(name, "fixed_allow") || !strcmp(name, "fixed_deny")) {
 		f->action = !strcmp(name, "fixed_allow") ? KVM_PMU_EVENT_ALLOW : KVM_PMU_EVENT_DENY;
 		f->fixed_bitmap = 0x1;
+	} else if (!strcmp(name, "deny_high_select")) {
+		/*
+		 * 0x1C2: event select bits 35:32 = 1, low byte 0xC2.  Denying it must leave 0xC2
+		 * (branches) counting: the filter compares all 12 select bits
+		 * (pmu_event_filter_test.c test_amd_deny_list).
+		 */
+		f->action = KVM_PMU_EVENT_DENY;
+		f->events[f->nevents++] = (br->select & 0xffULL) | (0x1ULL << 32) | ((uint64_t)br->umask << 8);
 	} else if (!strcmp(name, "fixed_priority")) {
 		/* events[] denies FC0's event; the (empty) bitmap decides for the fixed counter. */
 		f->action = KVM_PMU_EVENT_DENY;
@@ -142,6 +150,9 @@ enum probe_status probe_event_filter(struct probe_ctx *c)
 	if (!strncmp(name, "fixed_", 6) && !fc0)
 		return probe_unsupported(c, "case %s needs fixed counter 0; the %s guest PMU has none",
 					 name, l->vendor);
+	if (!strcmp(name, "deny_high_select") && l->fixed_base)
+		return probe_unsupported(c, "case %s is AMD's (event select bits 35:32); Intel has none",
+					 name);
 	if (probe_vm(c, &vm, &v, &default_opts)) {
 		vm_destroy(&vm);
 		return PROBE_ERROR;
@@ -185,6 +196,7 @@ enum probe_status probe_filter_update(struct probe_ctx *c)
 	const struct pmu_event *br = pmu_event(l, "branches");
 	uint64_t sel = pmu_selector(br, EVTSEL_EN), key = pmu_filter_key(br);
 	struct guest_cmd *before, *sel_after, *denied, *allowed;
+	struct guest_cmd kept[3];   /* the next batch_begin() reuses the command slots */
 	enum probe_status ret = probe_need_counters(c, 1);
 	int deny_errno, allow_errno;
 	struct vcpu *v;
@@ -204,6 +216,8 @@ enum probe_status probe_filter_update(struct probe_ctx *c)
 	before = g_rdmsr(v, pmu_ctr_msr(l, 0));
 	if (batch_run(v, NULL))
 		goto fail;
+	kept[0] = *before;
+	before = &kept[0];
 
 	/* Phase 2: the host denies the event between two guest runs. */
 	deny_errno = set_filter(&vm, KVM_PMU_EVENT_DENY, 0, 0, &key, 1);
@@ -214,6 +228,10 @@ enum probe_status probe_filter_update(struct probe_ctx *c)
 	denied = g_rdmsr(v, pmu_ctr_msr(l, 0));
 	if (batch_run(v, NULL))
 		goto fail;
+	kept[1] = *sel_after;
+	kept[2] = *denied;
+	sel_after = &kept[1];
+	denied = &kept[2];
 
 	/* Phase 3: an empty deny list allows everything again. */
 	allow_errno = set_filter(&vm, KVM_PMU_EVENT_DENY, 0, 0, NULL, 0);
@@ -248,10 +266,13 @@ enum probe_status probe_filter_invalid(struct probe_ctx *c)
 	uint64_t key = pmu_filter_key(insn);
 	/* A masked entry with a bit set in the unused range 36:54. */
 	uint64_t bad_masked = MASKED_ENTRY(insn->select, 0xff, insn->umask, 0) | (1ULL << 40);
+	/* Accepted: junk outside select+umask with flags 0, a masked entry at every field's maximum. */
+	uint64_t junk = ~0ULL, masked_max = MASKED_ENTRY(0xff, 0xff, 0xff, 1);
+	struct vm_opts o = probe_opts(c);
 	struct vm vm;
-	int e[4];
+	int e[7];
 
-	if (vm_create(&vm, &default_opts)) {
+	if (vm_create(&vm, &o)) {
 		enum probe_status ret = probe_fail(c, "%s", vm.err);
 
 		vm_destroy(&vm);
@@ -261,14 +282,19 @@ enum probe_status probe_filter_invalid(struct probe_ctx *c)
 	e[1] = set_filter(&vm, KVM_PMU_EVENT_ALLOW, 1U << 1, 0, &key, 1);  /* undefined flag */
 	e[2] = set_filter(&vm, KVM_PMU_EVENT_ALLOW, 0, 0, NULL, FILTER_MAX_EVENTS + 1);
 	e[3] = set_filter(&vm, KVM_PMU_EVENT_ALLOW, KVM_PMU_EVENT_FLAG_MASKED_EVENTS, 0, &bad_masked, 1);
+	e[4] = set_filter(&vm, KVM_PMU_EVENT_ALLOW, 0, 0, &junk, 1);
+	e[5] = set_filter(&vm, KVM_PMU_EVENT_ALLOW, KVM_PMU_EVENT_FLAG_MASKED_EVENTS, 0, &masked_max, 1);
+	/* ~GENMASK(nr_fixed, 0): counters that do not exist (test_filter_ioctl). */
+	e[6] = set_filter(&vm, KVM_PMU_EVENT_ALLOW, 0, ~0U << (c->pmu.fixed + 1), &key, 1);
 	vm_destroy(&vm);
 
 	json_arr_begin(c->obs, "cases");
 	{
 		static const char *const names[] = { "bad_action", "bad_flags", "too_many_events",
-						     "masked_bad_entry" };
+						     "masked_bad_entry", "junk_bits_unmasked", "masked_valid",
+						     "fixed_bitmap_nonexistent" };
 
-		for (int i = 0; i < 4; i++) {
+		for (int i = 0; i < 7; i++) {
 			json_obj_begin(c->obs, NULL);
 			json_str(c->obs, "case", names[i]);
 			json_i64(c->obs, "errno", e[i]);
