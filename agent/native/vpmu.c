@@ -4,6 +4,7 @@
  *   vpmu caps                 one JSON object of host capabilities
  *   vpmu list                 {"probes": [...]}
  *   vpmu run PROBE [k=v ...]  {"probe","status","reason","observations","elapsed_ns"}
+ *   vpmu --pmu emulated[:LAYOUT] caps|run ...   the same against the emulated PMU (include/epmu.h)
  * Exit status: 0 ok, 4 unsupported, 1 error.
  * Environment: PMUFARM_CPU=N pins like cpu=N; PMUFARM_VPMU_FORCE=1 runs PMU probes even when the
  * facts say the mediated vPMU is unusable (harness development only; the reason says so).
@@ -13,6 +14,7 @@
 #include <string.h>
 
 #include "caps.h"
+#include "epmu.h"
 #include "json.h"
 #include "probes.h"
 
@@ -25,7 +27,8 @@ static const int status_exit[] = { EXIT_OK, EXIT_UNSUPPORTED, EXIT_ERROR };
 
 static void usage(FILE *f)
 {
-	fprintf(f, "usage: vpmu caps | vpmu list | vpmu run PROBE [k=v ...]\n");
+	fprintf(f, "usage: vpmu [--pmu real|emulated[:LAYOUT]] caps | list | run PROBE [k=v ...]\n"
+		"  emulated layouts: %s (default: this CPU's vendor)\n", epmu_layout_names());
 }
 
 static int print_json(struct json *j)
@@ -160,6 +163,16 @@ static int cmd_run(int argc, char **argv)
 		}
 	}
 
+	if (epmu_active()) {
+		const char *why = epmu_probe_unsupported(c.probe->name);
+
+		if (epmu_check(c.reason, sizeof(c.reason)))
+			return emit(c.probe->name, PROBE_ERROR, c.reason, &obs, now_ns() - t0);
+		if (why) {
+			snprintf(c.reason, sizeof(c.reason), "emulated PMU: %s", why);
+			return emit(c.probe->name, PROBE_UNSUPPORTED, c.reason, &obs, now_ns() - t0);
+		}
+	}
 	caps_collect(&caps);
 	c.caps = &caps;
 	c.l = caps.layout;
@@ -208,8 +221,33 @@ static int cmd_run(int argc, char **argv)
 	return ret;
 }
 
+/* --pmu emulated[:LAYOUT] sets PMUFARM_EPMU, which every part of the harness reads. */
+static int pmu_option(const char *val)
+{
+	char vendor[13];
+
+	if (!strcmp(val, "real"))
+		return unsetenv(EPMU_ENV);
+	if (!strncmp(val, "emulated:", 9) && val[9])
+		return setenv(EPMU_ENV, val + 9, 1);
+	if (strcmp(val, "emulated")) {
+		fprintf(stderr, "vpmu: --pmu %s: expected real, emulated or emulated:LAYOUT (%s)\n", val,
+			epmu_layout_names());
+		return -1;
+	}
+	cpuid_vendor(&host_cpuid_view, vendor);
+	return setenv(EPMU_ENV, strcmp(vendor, "AuthenticAMD") ? "intel" : "amd", 1);
+}
+
 int main(int argc, char **argv)
 {
+	if (argc >= 3 && !strcmp(argv[1], "--pmu")) {
+		if (pmu_option(argv[2]))
+			return EXIT_ERROR;
+		argv[2] = argv[0];
+		argv += 2;
+		argc -= 2;
+	}
 	if (argc >= 2 && !strcmp(argv[1], "caps") && argc == 2)
 		return cmd_caps();
 	if (argc >= 2 && !strcmp(argv[1], "list") && argc == 2)

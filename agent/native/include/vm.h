@@ -63,6 +63,7 @@ struct vm {
 	int nvcpus;
 	struct kvm_cpuid2 *cpuid;   /* KVM_GET_SUPPORTED_CPUID shaped by opts.guest, for every vCPU */
 	struct guest_pmu_cfg guest; /* copy of opts.guest (layout NULL: none) */
+	void *epmu;                 /* lib/epmu.c state; NULL unless the PMU is emulated */
 	char err[VM_ERR_LEN];
 };
 
@@ -73,6 +74,7 @@ struct vcpu {
 	struct kvm_run *run;
 	struct guest_area *area;    /* host view of the guest's mailbox */
 	bool booted;
+	void *epmu;                 /* lib/epmu.c per-vCPU state; NULL unless the PMU is emulated */
 };
 
 /* What the host saw while a batch ran. */

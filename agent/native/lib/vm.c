@@ -12,6 +12,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "epmu.h"
 #include "vm.h"
 
 extern const char guest_blob_start[], guest_blob_end[];
@@ -100,8 +101,15 @@ struct kvm_cpuid2 *kvm_supported_cpuid(int kvm_fd, char *err, size_t len)
 			return NULL;
 		}
 		t->nent = (uint32_t)nent;
-		if (ioctl(kvm_fd, KVM_GET_SUPPORTED_CPUID, t) == 0)
+		if (ioctl(kvm_fd, KVM_GET_SUPPORTED_CPUID, t) == 0) {
+			/* Emulated PMU: it plays the host, so KVM "supports" its layout. */
+			if (epmu_supported_cpuid(&t)) {
+				free(t);
+				snprintf(err, len, "out of memory");
+				return NULL;
+			}
 			return t;
+		}
 		free(t);
 		if (errno != E2BIG || nent >= 4096) {
 			snprintf(err, len, "KVM_GET_SUPPORTED_CPUID: %s", strerror(errno));
@@ -136,17 +144,27 @@ static int msr_ioctl(int fd, unsigned long req, uint32_t msr, uint64_t *val)
 int kvm_feature_msr(int kvm_fd, uint32_t msr, uint64_t *val)
 {
 	*val = 0;
+	if (epmu_active() && epmu_feature_msr(msr, val) == 0)
+		return 0;
 	return msr_ioctl(kvm_fd, KVM_GET_MSRS, msr, val);
 }
 
 int vcpu_get_msr(struct vcpu *v, uint32_t msr, uint64_t *val)
 {
+	int e;
+
 	*val = 0;
+	if (v->epmu && (e = epmu_host_msr(v, msr, val, false)) >= 0)
+		return e;
 	return msr_ioctl(v->fd, KVM_GET_MSRS, msr, val);
 }
 
 int vcpu_set_msr(struct vcpu *v, uint32_t msr, uint64_t val)
 {
+	int e;
+
+	if (v->epmu && (e = epmu_host_msr(v, msr, &val, true)) >= 0)
+		return e;
 	return msr_ioctl(v->fd, KVM_SET_MSRS, msr, &val);
 }
 
@@ -200,6 +218,8 @@ int vm_create(struct vm *vm, const struct vm_opts *opts)
 		if (ioctl(vm->fd, KVM_ENABLE_CAP, &cap) < 0)
 			return fail(vm, "KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP): %s", strerror(errno));
 	}
+	if (epmu_vm_init(vm))
+		return -1;
 	if (opts->pmu_disable)
 		vm->pmu_cap_errno = vm_pmu_cap_disable(vm);
 
@@ -219,11 +239,14 @@ int vm_pmu_cap_disable(struct vm *vm)
 {
 	struct kvm_enable_cap cap = { .cap = KVM_CAP_PMU_CAPABILITY, .args = { KVM_PMU_CAP_DISABLE } };
 
+	if (vm->epmu)
+		return epmu_vm_pmu_disable(vm);
 	return ioctl(vm->fd, KVM_ENABLE_CAP, &cap) < 0 ? errno : 0;
 }
 
 void vm_destroy(struct vm *vm)
 {
+	epmu_vm_destroy(vm);
 	for (int i = 0; i < vm->nvcpus; i++) {
 		struct vcpu *v = vm->vcpus[i];
 
@@ -366,6 +389,11 @@ int vcpu_add(struct vm *vm, int id, struct vcpu **out)
 		fail(vm, "KVM_SET_CPUID2: %s", strerror(e));
 		return e;
 	}
+	e = epmu_vcpu_init(v);      /* the guest's emulated PMU follows the CPUID just set */
+	if (e) {
+		fail(vm, "emulated PMU vCPU setup: %s", strerror(e));
+		return e;
+	}
 	/* Host-initiated, after KVM_SET_CPUID2 and before the first KVM_RUN, as vmx_pmu_caps_test.c. */
 	if (vm->guest.layout && vm->guest.perf_capabilities >= 0) {
 		e = vcpu_set_msr(v, MSR_IA32_PERF_CAPABILITIES, (uint64_t)vm->guest.perf_capabilities);
@@ -447,6 +475,8 @@ int batch_run(struct vcpu *v, struct run_stats *stats)
 		stats = &local;
 	if (v->area->ncmds > GUEST_MAX_CMDS)
 		return fail(v->vm, "internal: batch of more than %d guest commands", GUEST_MAX_CMDS);
+	if (epmu_run_start(v))
+		return -1;
 
 	for (;;) {
 		if (ioctl(v->fd, KVM_RUN, 0) < 0) {
@@ -462,6 +492,8 @@ int batch_run(struct vcpu *v, struct run_stats *stats)
 
 			if (run->io.direction != KVM_EXIT_IO_OUT)
 				return fail(v->vm, "guest read from port %#x", run->io.port);
+			if (epmu_io_exit(v))
+				return -1;
 			memcpy(&val, data, run->io.size < 4 ? run->io.size : 4);
 			switch (run->io.port) {
 			case PORT_TICK:
@@ -479,6 +511,18 @@ int batch_run(struct vcpu *v, struct run_stats *stats)
 		}
 		case KVM_EXIT_INTR:
 			continue;
+		case KVM_EXIT_X86_RDMSR:
+		case KVM_EXIT_X86_WRMSR:
+		case KVM_EXIT_DEBUG: {
+			/* Only the emulated PMU asks for these (MSR filter, guest debug). */
+			int r = epmu_exit(v);
+
+			if (r > 0)
+				continue;
+			if (r < 0)
+				return -1;
+			return fail(v->vm, "unexpected KVM exit reason %u", run->exit_reason);
+		}
 		case KVM_EXIT_HLT:
 			return fail(v->vm, "guest vCPU %d halted", v->id);
 		case KVM_EXIT_SHUTDOWN: {
