@@ -335,7 +335,9 @@ def test_five_patch_series_is_bisected_to_the_third(clean_gate, kernel: Kernel, 
     bad = b["first_bad"]
     assert bad["index"] == 3 and "skip event filter reprogramming on SPR" in bad["subject"], b
     assert [t.split("::")[-1] for t in bad["tests"]] == ["test_denied_event_reads_zero on gate-spr"]
-    assert bad["commit"] == git(kernel.repo, "rev-parse", "five~2")
+    # The applied commit (git am made it, in the tree's object store) is the third patch, same diff:
+    assert git(kernel.repo, "log", "-1", "--format=%s", bad["commit"]) == FIVE[2][0]
+    assert git(kernel.repo, "diff", f"{bad['commit']}~1", bad["commit"]) == git(kernel.repo, "diff", "five~3", "five~2")
     assert 2 <= b["builds"] <= 3  # ceil(log2 5)
     assert {st["index"]: st["result"] for st in b["steps"]}.get(3) == "bad"
     from orchestrator.store import Store

@@ -25,7 +25,7 @@ from typing import Any
 
 from orchestrator.gate.apply import git
 from orchestrator.gate.common import GateError
-from orchestrator.gate.series import Series
+from orchestrator.gate.series import Series, bare_subject
 from orchestrator.gate.verdict import BAD, GOOD, Item, job_outcome, rerun_target
 from orchestrator.inventory import Host
 from orchestrator.runner import RunError, RunOptions
@@ -79,7 +79,7 @@ def bisect(series: Series, commits: list[str], worktree: Path, regressions: list
     t0 = time.monotonic()
 
     def label(k: int) -> str:
-        return f"patch {k}/{n} {series.patches[k - 1].subject!r}"
+        return f"patch {k}/{n} {bare_subject(series.patches[k - 1].subject)!r}"
 
     def test(k: int) -> str:
         step = Step(index=k, commit=commits[k - 1])
@@ -100,7 +100,7 @@ def bisect(series: Series, commits: list[str], worktree: Path, regressions: list
     if first is not None:
         tested = next((s for s in steps if s.index == first), None)
         tests = tested.tests if tested else sorted({f"{i.nodeid} on {i.host}" for i in regressions})
-        out["first_bad"] = {"index": first, "subject": series.patches[first - 1].subject,
+        out["first_bad"] = {"index": first, "subject": bare_subject(series.patches[first - 1].subject),
                             "commit": commits[first - 1], "tests": tests}
         out["message"] = f"first bad patch: {label(first)}"
     elif steps and steps[-1].result == STOP_STEP:

@@ -101,6 +101,11 @@ class Series:
                 "patches": [{"index": p.index, "subject": p.subject, "sha256": p.sha256} for p in self.patches]}
 
 
+def bare_subject(subject: str) -> str:
+    """The subject without its ``[PATCH v2 3/5]``-style tags: what the commit is called."""
+    return re.sub(r"^\s*(\[[^\]]*\]\s*)+", "", subject) or subject
+
+
 def patchset_hash(patch_sha256s: list[str]) -> str:
     """KCIDB ``patchset_hash``: sha256 of the newline-terminated per-patch sha256 hex digests ("" if none)."""
     if not patch_sha256s:
