@@ -8,6 +8,7 @@ import gc
 import json
 import logging
 import os
+import re
 import select
 import signal
 import subprocess
@@ -68,12 +69,29 @@ def resolve_suite(suite: str, root: Path | None = None) -> tuple[str, Path]:
     return name, path
 
 
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def _unsafe_path_field(run_id: Any, host_name: Any, attempt: Any) -> str | None:
+    """Why a message field that becomes a path component is unsafe (separators, "..", odd types), or None."""
+    for what, value in (("run id", run_id), ("host name", host_name)):
+        if not isinstance(value, str) or not _SAFE_NAME.fullmatch(value):  # no "/", no leading "." (so no "..")
+            return f"{what} {value!r} is not a plain name (letters, digits, '.', '_', '-')"
+    if not isinstance(attempt, int) or isinstance(attempt, bool) or not 1 <= attempt <= 1000:
+        return f"attempt {attempt!r} is not a whole number from 1 to 1000"
+    return None
+
+
 def host_facts(host: dict[str, Any]) -> dict[str, Any]:
     """Facts are probed on the agent, never taken from the inventory."""
     if host.get("driver", "kvm") == "model":
         from agent.drivers.model import simulated_facts
 
         return simulated_facts(host)
+    if host.get("driver") == "emulated":
+        from agent.drivers.emulated import emulated_facts
+
+        return emulated_facts(host)
     from agent.facts import collect_facts
 
     return collect_facts()
@@ -199,6 +217,11 @@ def run_suite_job(host: dict[str, Any], suite: str, run_id: str, attempt: int = 
                            "status": "error", "exit_code": None, "facts": {}, "tests": [],
                            "started": started, "finished": None, "log_tail": "",
                            "revision": deployed_revision()}
+    bad = _unsafe_path_field(run_id, host.get("name"), attempt)
+    if bad:  # these name directories under the agent's state dir: a forged "../" must not walk out of it
+        log.warning("refused task: %s", bad)
+        job.update(status="infra_error", log_tail=f"refused: {bad}", finished=_now())
+        return job
     try:
         name, suite_dir = resolve_suite(suite)
     except SuiteRefused as exc:
@@ -320,7 +343,6 @@ def run_suite(self: Any, host: dict[str, Any], suite: str, run_id: str, attempt:
     broker = self.app.conf.broker_url
     ident = {"host": host.get("name"), "suite": suite, "node": self.request.hostname, "worker_pid": os.getppid(),
              "since": heartbeat.agent_clock(), "since_bts": heartbeat.broker_now(broker)}
-    task_id = self.request.id
 
     def stopped() -> bool:
         return bool(task_id) and heartbeat.stop_requested(broker, task_id)
@@ -339,6 +361,12 @@ def run_suite(self: Any, host: dict[str, Any], suite: str, run_id: str, attempt:
                                      "node": self.request.hostname})
     try:
         job = run_suite_job(host, suite, run_id, attempt, timeout, report, only, stopped)
+    except Exception as exc:  # noqa: BLE001 - the agent broke (disk full, state dir), not the kernel under test
+        log.exception("run %s: host %s suite %s: agent task failed", run_id, host.get("name"), suite)
+        job = {"run_id": run_id, "host": host.get("name"), "suite": suite, "attempt": attempt,
+               "status": "infra_error", "exit_code": None, "facts": {}, "tests": [], "started": None,
+               "finished": _now(), "log_tail": f"agent task failed: {type(exc).__name__}: {exc}",
+               "revision": deployed_revision()}
     finally:
         _busy(broker, host.get("name"), None)
     log.info("run %s: host %s suite %s -> %s in %.1fs", run_id, host.get("name"), suite, job["status"],

@@ -204,8 +204,8 @@ class Dispatcher:
             err = p.result.result
             lost = type(err).__name__ in ("WorkerLostError", "TimeLimitExceeded")
             kind = "timeout" if type(err).__name__ == "TimeLimitExceeded" else "infra_error"
-            job = self._infra(p, f"agent task failed: {type(err).__name__}: {err}",
-                              kind if lost else "error")
+            # An exception outside the suite (the agent's disk, its state dir, a bug) is never a kernel verdict.
+            job = self._infra(p, f"agent task failed: {type(err).__name__}: {err}", kind if lost else "infra_error")
             retry = lost and kind == "infra_error"
         elif state == "REVOKED":
             job = self._infra(p, f"job expired: no agent took it within {self.expires:g}s "
@@ -252,7 +252,7 @@ class Dispatcher:
 
     def _finish(self, p: Pending, job: Any, retry: bool) -> None:
         if not isinstance(job, dict) or job.get("status") not in FINAL_JOB_STATES:
-            job = {**self._infra(p, f"agent returned an unusable result: {str(job)[:200]}"), "status": "error"}
+            job = self._infra(p, f"agent returned an unusable result: {str(job)[:200]}")
         stored = self.store.finish_job(p.job_id, job)
         p.status = job["status"]
         p.progress = {"tests": job.get("tests", []), "log_tail": job.get("log_tail", "")}

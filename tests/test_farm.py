@@ -172,3 +172,80 @@ def test_interrupt_stops_the_local_farm(tmp_path: Path, farm_env: dict[str, str]
     assert db_rows(farm_env, "SELECT status FROM runs") == [("interrupted",)]
     left = subprocess.run(["pgrep", "-f", farm_env["FARM_STATE_DIR"]], capture_output=True, text=True).stdout
     assert not left.strip(), f"processes of the local farm outlived it: {left}"
+
+
+@pytest.fixture
+def full_state_dir(tmp_path: Path):
+    """A real full disk for the agent's state dir: a 64 KiB tmpfs filled up (needs root to mount)."""
+    import errno
+
+    d = tmp_path / "full"
+    d.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(d)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a small tmpfs to fill up (needs root): {r.stderr.strip()}")
+    try:
+        with open(d / "filler", "wb", buffering=0) as fh:
+            with pytest.raises(OSError) as exc:
+                while True:
+                    fh.write(b"\0" * 4096)
+            assert exc.value.errno == errno.ENOSPC
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+def test_full_agent_disk_is_infra_error_not_failure(tmp_path: Path, farm_env: dict[str, str],
+                                                    full_state_dir: Path) -> None:
+    """ENOSPC in the agent's state dir is the agent's problem: infra_error with its cause, exit 3, and the
+    reports say so (summary, JUnit, KCIDB), never a test failure."""
+    import json
+
+    from orchestrator.store import Store
+
+    inv = tmp_path / "one.yaml"
+    inv.write_text("- {name: solo, address: local}\n")
+    store = Store(Path(farm_env["FARM_STATE_DIR"]) / "pmufarm.sqlite")
+    store.set_host_state("solo", "good", "checked by the test", 0)  # the health check would hit ENOSPC too
+    store.close()
+    env = {**farm_env, "FARM_AGENT_STATE_DIR": str(full_state_dir)}
+    r = run_cli("--reports-dir", str(tmp_path / "r"), "submit", "suites/smoke", "--inventory", str(inv), env=env)
+    assert r.returncode == 3, r.stdout + r.stderr
+    (status, tail), = db_rows(farm_env, "SELECT status, log_tail FROM jobs WHERE suite='smoke'")
+    assert status == "infra_error" and "No space left on device" in tail, tail
+    run_id = db_rows(farm_env, "SELECT id FROM runs")[0][0]
+    out = tmp_path / "r" / run_id
+    assert "infra_error" in (out / "summary.md").read_text()
+    kcidb = json.loads((out / "kcidb.json").read_text())
+    assert {t.get("status") for t in kcidb["tests"]} == {"MISS"}, kcidb["tests"]
+    junit = "".join(p.read_text() for p in (out / "junit").glob("*.xml"))
+    assert "No space left on device" in junit and "<failure" not in junit
+
+
+@pytest.mark.parametrize("field", ["run_id", "host", "attempt"])
+def test_path_fields_from_a_message_are_refused(tmp_path: Path, field: str) -> None:
+    """run_id, host name and attempt name directories on the agent: '../' in any of them is refused before
+    anything is written (a forged message must not write outside the agent's state dir)."""
+    from agent.tasks import run_suite_job
+
+    host: dict = {"name": "solo", "driver": "model", "model": {"uarch": "zen4"}}
+    args = {"run_id": "r1", "attempt": 1}
+    if field == "run_id":
+        args["run_id"] = "../../escape"
+    elif field == "host":
+        host["name"] = "../escape"
+    else:
+        args["attempt"] = "1/../../escape"
+    env = {"FARM_AGENT_STATE_DIR": str(tmp_path / "agent"), "PMUFARM_TREE": str(TREE)}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        job = run_suite_job(host, "suites/smoke", **args)
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
+    assert job["status"] == "infra_error" and job["log_tail"].startswith("refused:"), job
+    assert not list(tmp_path.rglob("escape*")) and not (tmp_path / "agent").exists()
