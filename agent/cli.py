@@ -9,6 +9,7 @@ import click
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="pmufarm", message="%(prog)s (pmufarm) %(version)s")
 def main() -> None:
     """pmufarm agent: runs on every farm host."""
 

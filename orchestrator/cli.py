@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from orchestrator.inventory import Host, InventoryError, load_inventory, parse_select, select_hosts
 from orchestrator.runner import (
     EXIT_INPUT,
     EXIT_OK,
@@ -22,7 +22,10 @@ from orchestrator.runner import (
     resume_run,
     write_run_reports,
 )
-from orchestrator.store import Store
+
+if TYPE_CHECKING:  # imported where used: `orchestrator --help` should not pay for pydantic
+    from orchestrator.inventory import Host
+    from orchestrator.store import Store
 
 DEFAULT_INVENTORY = "inventory/local.yaml"
 
@@ -41,6 +44,8 @@ class Ctx:
     @property
     def store(self) -> Store:
         if self._store is None:
+            from orchestrator.store import Store
+
             self._store = Store(self.state_dir / "pmufarm.sqlite")
         return self._store
 
@@ -50,7 +55,45 @@ def fail(code: int, message: str) -> None:
     sys.exit(code)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """Subcommands with heavy modules (gate, deploy, broker) are imported only when run or asked for their
+    own help: `orchestrator --help` and `submit` do not pay for them, and a broken one breaks only itself."""
+
+    lazy: dict[str, tuple[str, str, str]] = {  # name -> (module, attribute, short help shown by --help)
+        "broker-acl": ("orchestrator.broker", "broker_acl", "Generate a farm broker password: Redis ACL (default "
+                       "user off, user 'farm') and the URL file."),
+        "deploy": ("orchestrator.deploy", "deploy", "Install the agent at this revision on farm hosts and start "
+                   "their workers (SSH, in parallel)."),
+        "gate": ("orchestrator.gate", "gate", "Test a patch series against its base on every selected CPU model; "
+                 "exit 0/1/2/3."),
+    }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy and name not in self.commands:
+            module, attr, _ = self.lazy[name]
+            self.add_command(getattr(importlib.import_module(module), attr), name)
+        return super().get_command(ctx, name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from click.utils import make_default_short_help
+
+        rows = []
+        width = formatter.width - 6 - max(map(len, self.list_commands(ctx)))
+        for name in self.list_commands(ctx):
+            if name in self.lazy and name not in self.commands:
+                rows.append((name, make_default_short_help(self.lazy[name][2], width)))
+            elif (cmd := super().get_command(ctx, name)) is not None and not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(width)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="pmufarm", message="%(prog)s (pmufarm) %(version)s")
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Store, private Redis and logs [env FARM_STATE_DIR; default ~/.local/state/pmufarm].")
 @click.option("--reports-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("reports"),
@@ -62,6 +105,8 @@ def main(ctx: click.Context, state_dir: Path | None, reports_dir: Path) -> None:
 
 
 def _load_hosts(inventory: str, hosts: str | None, select: tuple[str, ...], ctx: Ctx) -> list[Host]:
+    from orchestrator.inventory import InventoryError, load_inventory, parse_select, select_hosts
+
     try:
         inv = load_inventory(inventory)
         wanted = parse_select(select)
@@ -227,6 +272,8 @@ def report(ctx: Ctx, run_id: str) -> None:
 @click.pass_obj
 def hosts(ctx: Ctx, inventory: str, probe: bool, release: str | None, maintenance: str | None, as_json: bool) -> None:
     """Hosts with state (online, busy, offline, quarantined, maintenance, bad), last seen, facts and verdict."""
+    from orchestrator.inventory import InventoryError, load_inventory
+
     try:
         inv = load_inventory(inventory)
     except InventoryError as exc:
@@ -353,18 +400,6 @@ def sensitivity(ctx: Ctx, suites: tuple[str, ...], uarchs: tuple[str, ...], faul
     click.echo(render_table(result))
     sys.exit(exit_code(result))
 
-
-def _register_optional_commands() -> None:
-    from orchestrator.broker import broker_acl
-    from orchestrator.deploy import deploy
-    from orchestrator.gate import gate
-
-    main.add_command(gate)
-    main.add_command(deploy)
-    main.add_command(broker_acl)
-
-
-_register_optional_commands()
 
 if __name__ == "__main__":
     main()

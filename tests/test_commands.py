@@ -166,3 +166,23 @@ def test_two_local_submits_at_once_both_finish(tmp_path: Path, farm_env: dict[st
     assert _db(farm_env, "SELECT status FROM runs") == [("done",), ("done",)], outs
     assert _db(farm_env, "SELECT COUNT(*) FROM jobs WHERE suite='smoke' AND status='passed'") == [(2,)]
     assert not list((Path(farm_env["FARM_STATE_DIR"]) / "farms").iterdir()), "private brokers left behind"
+
+
+def test_cli_help_lists_lazy_commands_with_their_own_help() -> None:
+    """`orchestrator --help` shows gate/deploy/broker-acl without importing them; the text is theirs."""
+    import click
+
+    from orchestrator.cli import LazyGroup, main
+
+    ctx = click.Context(main)
+    for name, (_, _, short) in LazyGroup.lazy.items():
+        assert main.get_command(ctx, name).get_short_help_str(500) == short, name
+    for prog in ("orchestrator.cli", "agent.cli"):
+        r = subprocess.run([sys.executable, "-m", prog, "--version"], capture_output=True, text=True, cwd="/")
+        assert r.returncode == 0 and "(pmufarm) " in r.stdout, r.stderr
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "orchestrator.cli", "--help"],
+                       capture_output=True, text=True, cwd="/")
+    assert r.returncode == 0 and "gate" in r.stdout
+    imported = {line.split("|")[-1].strip() for line in r.stderr.splitlines()}
+    assert not imported & {"orchestrator.gate", "orchestrator.deploy", "orchestrator.broker", "pydantic"}, \
+        "--help imported a subcommand's heavy modules"
