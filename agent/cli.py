@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 
 import click
+
+MAX_CPUID_DUMP = 8 << 20
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -21,6 +24,12 @@ def probe(cpuid_dump: str | None) -> None:
     """Print this host's facts (CPU, PMU, KVM, kernel, mediated-vPMU verdict) as JSON."""
     from agent.facts import probe_main
 
+    if cpuid_dump:
+        # A dump is a few KiB (`cpuid -r` of a 512-CPU box is ~2 MiB): refuse a wrong file before reading it whole.
+        size = os.path.getsize(cpuid_dump) if os.path.exists(cpuid_dump) else 0
+        if size > MAX_CPUID_DUMP:
+            raise click.BadParameter(f"{cpuid_dump}: {size} bytes is not a CPUID dump (limit "
+                                     f"{MAX_CPUID_DUMP >> 20} MiB)", param_hint="--cpuid-dump")
     sys.exit(probe_main(cpuid_dump, True))
 
 

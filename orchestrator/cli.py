@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import signal
 import sys
@@ -143,12 +144,21 @@ def _check_suites(suites: tuple[str, ...]) -> list[str]:
     names: list[str] = []
     for s in suites:
         try:
-            name = resolve_suite(s)[0]
+            name, path = resolve_suite(s)
         except SuiteRefused as exc:
             fail(EXIT_INPUT, str(exc))
+        if not any(path.rglob("test_*.py")) and not any(path.rglob("*_test.py")):
+            fail(EXIT_INPUT, f"suite {s!r}: no test files (test_*.py) under {path}; an empty suite proves nothing")
         if name not in names:
             names.append(name)
     return names
+
+
+def seconds(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    """A duration option: finite and > 0 (a NaN or negative bound would be charged to the hosts as lost jobs)."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise click.BadParameter(f"{value:g} is not a positive number of seconds")
+    return value
 
 
 @main.command()
@@ -156,8 +166,9 @@ def _check_suites(suites: tuple[str, ...]) -> list[str]:
 @click.option("--inventory", default=DEFAULT_INVENTORY, show_default=True, help="Inventory file or directory.")
 @click.option("--hosts", help="Comma-separated host names.")
 @click.option("--select", multiple=True, metavar="KEY=VALUE", help="Match labels and probed facts (repeatable).")
-@click.option("--timeout", default=1800.0, show_default=True, help="Hard limit per suite run, seconds.")
-@click.option("--expires", default=600.0, show_default=True,
+@click.option("--timeout", default=1800.0, show_default=True, callback=seconds,
+              help="Hard limit per suite run, seconds.")
+@click.option("--expires", default=600.0, show_default=True, callback=seconds,
               help="Drop a job no agent has taken after this many seconds (a dead host).")
 @click.option("--no-wait", is_flag=True, help="Print the run id and return (needs FARM_BROKER_URL).")
 @click.pass_obj

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -11,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 TABLE_FILES = {"microarch.yaml", "errata.yaml", "faults.yaml", "kvm.yaml"}
+MAX_INVENTORY_BYTES = 4 << 20  # a host list, not a data set: anything bigger is a wrong file
 
 
 class InventoryError(ValueError):
@@ -50,11 +52,43 @@ def _field_path(loc: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in loc) or "(host)"
 
 
+def tables_dir() -> Path:
+    """Where the model tables live: ``$PMUFARM_INVENTORY`` (as the agent reads them), else the repo's inventory/."""
+    env = os.environ.get("PMUFARM_INVENTORY")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "inventory"
+
+
+def _table_ids(name: str) -> set[str] | None:
+    """The ``id``s of a table (microarch.yaml, faults.yaml, errata.yaml); None when it cannot be read."""
+    try:
+        rows = yaml.safe_load((tables_dir() / name).read_text(encoding="utf-8")) or []
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None  # no table here: the agent judges the entry when it runs
+    return {str(r["id"]) for r in rows if isinstance(r, dict) and "id" in r} if isinstance(rows, list) else None
+
+
+def _check_model(path: Path, label: str, model: ModelSpec) -> None:
+    """A simulated host must name table entries that exist: caught at load (exit 2), never charged to the host."""
+    checks = [("model.uarch", "microarch.yaml", [model.uarch]), ("model.faults", "faults.yaml", model.faults),
+              ("model.errata", "errata.yaml", model.errata or [])]
+    for field, table, values in checks:
+        known = _table_ids(table) if values else None
+        unknown = [v for v in values if known is not None and v not in known]
+        if unknown:
+            raise InventoryError(f"{path}: {label}: field '{field}': unknown id {unknown[0]!r} "
+                                 f"(not in {tables_dir() / table})")
+
+
 def load_file(path: Path) -> list[Host]:
     try:
+        if path.stat().st_size > MAX_INVENTORY_BYTES:
+            raise InventoryError(f"{path}: {path.stat().st_size} bytes is not a host list "
+                                 f"(limit {MAX_INVENTORY_BYTES >> 20} MiB)")
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise InventoryError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise InventoryError(f"{path}: not UTF-8 text (byte {exc.start}): is this an inventory file?") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -82,6 +116,8 @@ def load_file(path: Path) -> list[Host]:
             raise InventoryError(f"{path}: {label}: field '{_field_path(err['loc'])}': {msg}") from None
         if host.driver == "model" and host.model is None:
             raise InventoryError(f"{path}: {label}: field 'model': required field is missing for driver model")
+        if host.model is not None:
+            _check_model(path, label, host.model)
         host.source = str(path)
         hosts.append(host)
     return hosts
@@ -136,8 +172,10 @@ def select_hosts(hosts: list[Host], names: str | None, select: dict[str, str],
                  facts_for: Callable[[list[Host]], dict[str, dict[str, Any]]] | None = None) -> list[Host]:
     """``--hosts a,b`` then ``--select k=v``: labels first, then probed (flattened) facts."""
     chosen = hosts
-    if names:
+    if names is not None:
         wanted = [n.strip() for n in names.split(",") if n.strip()]
+        if not wanted:  # `--hosts ''` (an unset shell variable) must not mean every host
+            raise InventoryError(f"--hosts {names!r}: names no host")
         by_name = {h.name: h for h in hosts}
         unknown = [n for n in wanted if n not in by_name]
         if unknown:
