@@ -259,7 +259,8 @@ PROBES: dict[str, ProbeSpec] = {p.name: p for p in [
               "AMD legacy K7 MSRs (PERFEVTSEL0-3 0xc0010000-3, PERFCTR0-3 0xc0010004-7; kvm-unit-tests x86/pmu.c "
               "AMD legacy path): a value written through K7 reads back through K7, RDPMC and the F15H alias, and "
               "a K7-programmed counter counts instructions over the loop; unsupported on Intel",
-              WORKLOAD + ', "counters": [{"index": i, "written": v, "k7_rdmsr": ' + _ACCESS + ', "f15h_rdmsr": '
+              WORKLOAD + ', "counters": [{"index": i, "written": v, "k7_wrmsr": ' + _ACCESS + ', "k7_rdmsr": {...}, '
+              '"f15h_rdmsr": '
               '{...}, "rdpmc": {...}, "k7_sel_wrmsr": {...}, "f15h_sel_read": v or null, "count": c or null}], '
               '"exceptions": [...]'),
     # --- filter ----------------------------------------------------------------------------------

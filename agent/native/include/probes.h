@@ -77,6 +77,17 @@ enum probe_status probe_need_counters(struct probe_ctx *c, int gp);
 int probe_vm(struct probe_ctx *c, struct vm *vm, struct vcpu **v, const struct vm_opts *o);
 /* Default VM options with the probe's guest PMU (for probes that call vm_create themselves). */
 struct vm_opts probe_opts(const struct probe_ctx *c);
+/* A guest read copied out of the mailbox (the next batch reuses the command slots). */
+struct reading {
+	bool ok;            /* no exception */
+	uint64_t value;
+};
+static inline struct reading reading_of(const struct guest_cmd *cmd)
+{
+	return (struct reading){ cmd && cmd->vector < 0, cmd ? cmd->out[0] : 0 };
+}
+void json_reading(struct json *j, const char *key, struct reading r);
+
 /* The guest_pmu observation shape for any PMU view. */
 void json_pmu_info(struct json *j, const char *key, const struct pmu_info *p, int64_t perf_caps);
 /* CPUID.1:EDX[19] in the guest's CPUID (KVM's supported table). */

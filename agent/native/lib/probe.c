@@ -642,3 +642,11 @@ bool probe_guest_has_clflush(const struct probe_ctx *c)
 
 	return c->caps->kvm_cpuid && view.get(&view, 1, 0, r) == 0 && (r[3] >> 19 & 1);
 }
+
+void json_reading(struct json *j, const char *key, struct reading r)
+{
+	if (r.ok)
+		json_u64(j, key, r.value);
+	else
+		json_null(j, key);
+}

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0
 /* Counter probes: what each architectural event counts, disabled counters, widths, GLOBAL_CTRL,
  * overflow status bits, and RDMSR/RDPMC agreement. */
+#include <stdio.h>
 #include <string.h>
 
 #include "probes.h"
@@ -377,42 +378,408 @@ enum probe_status probe_rdpmc(struct probe_ctx *c)
 	return ret;
 }
 
+/* Fixed counters the SDM defines (IA32_FIXED_CTR0..3); upstream probes 3, FC3 is TOPDOWN.SLOTS. */
+#define POSSIBLE_FIXED 4
+
 enum probe_status probe_fixed_counters(struct probe_ctx *c)
 {
-	return probe_fail(c, "probe %s: not implemented in the native harness yet", c->probe->name);
+	uint64_t n = (uint64_t)arg_int(c, "iterations");
+	const struct pmu_layout *l = c->l;
+	const struct pmu_info *p = &c->pmu;
+	struct { struct guest_cmd *wr, *rd, *pmc, *ctrl, *gctl, *cnt; } a[POSSIBLE_FIXED];
+	const uint64_t test_val = 0xffff;
+	enum probe_status ret = PROBE_OK;
+	struct vcpu *v;
+	struct vm vm;
+
+	if (!l->fixed_base)
+		return probe_unsupported(c, "%s has no fixed counters", l->vendor);
+	if (start(c, &vm, &v))
+		return PROBE_ERROR;
+	memset(a, 0, sizeof(a));
+	batch_begin(v);
+	g_pmu_quiesce(c, v);
+	for (int i = 0; i < POSSIBLE_FIXED; i++) {
+		uint32_t msr = l->fixed_base + (uint32_t)i;
+
+		/* Supported: i < CPUID.0AH:EDX[4:0] or, from v5, bit i of ECX (the decoded mask). */
+		a[i].wr = g_wrmsr(v, msr, test_val);
+		a[i].rd = g_rdmsr(v, msr);
+		a[i].pmc = g_rdpmc(v, l->rdpmc_fixed_flag | (uint32_t)i);
+		if (p->fixed_mask >> i & 1) {
+			g_wrmsr(v, msr, 0);
+			g_wrmsr(v, l->fixed_ctrl, (FIXED_CTRL_OS | FIXED_CTRL_USR) << (4 * i));
+			g_measure(c, v, 1ULL << (32 + i), n, false);
+			a[i].cnt = g_rdmsr(v, msr);
+			g_wrmsr(v, l->fixed_ctrl, 0);
+		} else {
+			a[i].ctrl = g_wrmsr(v, l->fixed_ctrl, FIXED_CTRL_OS << (4 * i));
+			a[i].gctl = g_wrmsr(v, l->global_ctrl, 1ULL << (32 + i));
+			g_wrmsr(v, l->fixed_ctrl, 0);
+			g_wrmsr(v, l->global_ctrl, 0);
+		}
+		g_wrmsr(v, msr, 0);
+	}
+	if (batch_run(v, NULL))
+		ret = probe_fail(c, "%s", vm.err);
+	json_i64(c->obs, "fixed_counters", p->fixed_contig);
+	json_u64(c->obs, "fixed_bitmap", p->fixed_ecx);
+	json_i64(c->obs, "version", p->version);
+	json_workload(c, "workload", LOOP_PLAIN, n, 0);
+	json_arr_begin(c->obs, "counters");
+	for (int i = 0; i < POSSIBLE_FIXED; i++) {
+		uint32_t msr = l->fixed_base + (uint32_t)i;
+		char name[48];
+
+		snprintf(name, sizeof(name), "%s%d", l->fixed_name, i);
+		json_obj_begin(c->obs, NULL);
+		json_i64(c->obs, "index", i);
+		json_bool(c->obs, "supported", p->fixed_mask >> i & 1);
+		json_access(c->obs, "wrmsr", "wrmsr", msr, name, a[i].wr, true, test_val);
+		json_access(c->obs, "rdmsr", "rdmsr", msr, name, a[i].rd, false, 0);
+		json_access(c->obs, "rdpmc", "rdpmc", l->rdpmc_fixed_flag | (uint32_t)i, "RDPMC fixed", a[i].pmc,
+			    false, 0);
+		if (a[i].ctrl) {
+			json_access(c->obs, "ctrl_wrmsr", "wrmsr", l->fixed_ctrl, "IA32_FIXED_CTR_CTRL", a[i].ctrl,
+				    true, FIXED_CTRL_OS << (4 * i));
+			json_access(c->obs, "global_ctrl_wrmsr", "wrmsr", l->global_ctrl, "GLOBAL_CTRL", a[i].gctl,
+				    true, 1ULL << (32 + i));
+		} else {
+			json_null(c->obs, "ctrl_wrmsr");
+			json_null(c->obs, "global_ctrl_wrmsr");
+		}
+		json_value_or_null(c->obs, "count", a[i].cnt);
+		json_obj_end(c->obs);
+	}
+	json_arr_end(c->obs);
+	json_exceptions(c->obs, v);
+	vm_destroy(&vm);
+	return ret;
+}
+
+/* One counter of either kind, for probes that treat GP and fixed counters alike. */
+struct any_ctr {
+	const char *kind;
+	int index;
+	uint32_t msr;
+	uint64_t enable;        /* its GLOBAL_CTRL bit */
+};
+
+static int all_counters(const struct probe_ctx *c, struct any_ctr *out, int max)
+{
+	const struct pmu_layout *l = c->l;
+	int n = 0;
+
+	for (int i = 0; i < gp_count(c) && n < max; i++)
+		out[n++] = (struct any_ctr){ "gp", i, pmu_ctr_msr(l, i), 1ULL << i };
+	for (int j = 0; l->fixed_base && j < c->pmu.fixed && j < (int)l->nfixed_events && n < max; j++)
+		if (c->pmu.fixed_mask >> j & 1)
+			out[n++] = (struct any_ctr){ "fixed", j, l->fixed_base + (uint32_t)j, 1ULL << (32 + j) };
+	return n;
+}
+
+/* Program counter k to count (on) or not (off): GP instructions via EVTSEL.EN, fixed via its field. */
+static void program(struct probe_ctx *c, struct vcpu *v, const struct any_ctr *k, bool on)
+{
+	const struct pmu_layout *l = c->l;
+
+	if (!strcmp(k->kind, "gp"))
+		g_wrmsr(v, pmu_sel_msr(l, k->index),
+			pmu_selector(pmu_event(l, "instructions"), on ? EVTSEL_EN : 0));
+	else
+		g_wrmsr(v, l->fixed_ctrl, on ? (FIXED_CTRL_OS | FIXED_CTRL_USR) << (4 * k->index) : 0);
 }
 
 enum probe_status probe_counter_freeze(struct probe_ctx *c)
 {
-	return probe_fail(c, "probe %s: not implemented in the native harness yet", c->probe->name);
+	uint64_t n = (uint64_t)arg_int(c, "iterations");
+	struct guest_cmd *rd[16][3];
+	struct any_ctr k[16];
+	enum probe_status ret = probe_need_counters(c, 1);
+	struct vcpu *v;
+	struct vm vm;
+	int nk;
+
+	if (ret != PROBE_OK)
+		return ret;
+	if (start(c, &vm, &v))
+		return PROBE_ERROR;
+	nk = all_counters(c, k, 16);
+	batch_begin(v);
+	g_pmu_quiesce(c, v);
+	for (int i = 0; i < nk; i++) {
+		g_wrmsr(v, k[i].msr, 0);
+		program(c, v, &k[i], true);
+		g_measure(c, v, k[i].enable, n, false);
+		rd[i][0] = g_rdmsr(v, k[i].msr);
+		g_measure(c, v, 0, n, false);           /* GLOBAL_CTRL clear over the loop */
+		rd[i][1] = g_rdmsr(v, k[i].msr);
+		program(c, v, &k[i], false);
+		g_measure(c, v, k[i].enable, n, false); /* global bit set, own enable clear */
+		rd[i][2] = g_rdmsr(v, k[i].msr);
+	}
+	g_pmu_quiesce(c, v);
+	if (batch_run(v, NULL))
+		ret = probe_fail(c, "%s", vm.err);
+	json_workload(c, "workload", LOOP_PLAIN, n, 0);
+	json_arr_begin(c->obs, "counters");
+	for (int i = 0; i < nk; i++) {
+		json_obj_begin(c->obs, NULL);
+		json_str(c->obs, "kind", k[i].kind);
+		json_i64(c->obs, "index", k[i].index);
+		json_value_or_null(c->obs, "counted", rd[i][0]);
+		json_value_or_null(c->obs, "after_global_off", rd[i][1]);
+		json_value_or_null(c->obs, "after_local_off", rd[i][2]);
+		json_obj_end(c->obs);
+	}
+	json_arr_end(c->obs);
+	json_exceptions(c->obs, v);
+	vm_destroy(&vm);
+	return ret;
 }
 
 enum probe_status probe_all_counters(struct probe_ctx *c)
 {
-	return probe_fail(c, "probe %s: not implemented in the native harness yet", c->probe->name);
+	uint64_t n = (uint64_t)arg_int(c, "iterations");
+	const struct pmu_layout *l = c->l;
+	const struct pmu_info *p = &c->pmu;
+	struct guest_cmd *rd[16];
+	struct any_ctr k[16];
+	uint64_t fixed_ctrl = 0;
+	enum probe_status ret = probe_need_counters(c, 1);
+	struct vcpu *v;
+	struct vm vm;
+	int nk;
+
+	if (ret != PROBE_OK)
+		return ret;
+	if (start(c, &vm, &v))
+		return PROBE_ERROR;
+	nk = all_counters(c, k, 16);
+	batch_begin(v);
+	g_pmu_quiesce(c, v);
+	for (int i = 0; i < nk; i++) {
+		if (!strcmp(k[i].kind, "gp"))
+			g_wrmsr(v, pmu_sel_msr(l, k[i].index),
+				pmu_selector(pmu_event(l, k[i].index % 2 ? "branches" : "instructions"), EVTSEL_EN));
+		else
+			fixed_ctrl |= (FIXED_CTRL_OS | FIXED_CTRL_USR) << (4 * k[i].index);
+	}
+	if (fixed_ctrl)
+		g_wrmsr(v, l->fixed_ctrl, fixed_ctrl);
+	g_measure(c, v, pmu_global_mask(p, true), n, false);
+	for (int i = 0; i < nk; i++)
+		rd[i] = g_rdmsr(v, k[i].msr);
+	g_pmu_quiesce(c, v);
+	if (batch_run(v, NULL))
+		ret = probe_fail(c, "%s", vm.err);
+	json_workload(c, "workload", LOOP_PLAIN, n, 0);
+	for (int fixed = 0; fixed < 2; fixed++) {
+		json_arr_begin(c->obs, fixed ? "fixed" : "gp");
+		for (int i = 0; i < nk; i++) {
+			if (strcmp(k[i].kind, fixed ? "fixed" : "gp"))
+				continue;
+			json_obj_begin(c->obs, NULL);
+			json_i64(c->obs, "counter", k[i].index);
+			json_str(c->obs, "event", fixed ? l->fixed_events[k[i].index] :
+				 k[i].index % 2 ? "branches" : "instructions");
+			json_value_or_null(c->obs, "count", rd[i]);
+			json_obj_end(c->obs);
+		}
+		json_arr_end(c->obs);
+	}
+	json_exceptions(c->obs, v);
+	vm_destroy(&vm);
+	return ret;
+}
+
+/* GP counter 0 counts instructions with the given selector over the loop. */
+static struct guest_cmd *count_gp0(struct probe_ctx *c, struct vcpu *v, uint64_t sel, uint64_t n)
+{
+	const struct pmu_layout *l = c->l;
+	struct guest_cmd *rd;
+
+	g_wrmsr(v, pmu_ctr_msr(l, 0), 0);
+	g_wrmsr(v, pmu_sel_msr(l, 0), sel);
+	g_measure(c, v, 1, n, false);
+	rd = g_rdmsr(v, pmu_ctr_msr(l, 0));
+	g_wrmsr(v, pmu_sel_msr(l, 0), 0);
+	return rd;
 }
 
 enum probe_status probe_cmask(struct probe_ctx *c)
 {
-	return probe_fail(c, "probe %s: not implemented in the native harness yet", c->probe->name);
-}
+	uint64_t n = (uint64_t)arg_int(c, "iterations");
+	uint64_t sel = pmu_selector(pmu_event(c->l, "instructions"), EVTSEL_EN);
+	struct guest_cmd *plain, *cmask;
+	enum probe_status ret = probe_need_counters(c, 1);
+	struct vcpu *v;
+	struct vm vm;
 
-enum probe_status probe_running_write(struct probe_ctx *c)
-{
-	return probe_fail(c, "probe %s: not implemented in the native harness yet", c->probe->name);
+	if (ret != PROBE_OK)
+		return ret;
+	if (start(c, &vm, &v))
+		return PROBE_ERROR;
+	batch_begin(v);
+	g_pmu_quiesce(c, v);
+	plain = count_gp0(c, v, sel, n);
+	/* kvm-unit-tests check_cmask: CMASK=2 counts only cycles retiring >= 2 instructions. */
+	cmask = count_gp0(c, v, sel | 2ULL << EVTSEL_CMASK_SHIFT, n);
+	if (batch_run(v, NULL))
+		ret = probe_fail(c, "%s", vm.err);
+	json_workload(c, "workload", LOOP_PLAIN, n, 0);
+	json_i64(c->obs, "cmask", 2);
+	json_value_or_null(c->obs, "count_plain", plain);
+	json_value_or_null(c->obs, "count_cmask", cmask);
+	json_exceptions(c->obs, v);
+	vm_destroy(&vm);
+	return ret;
 }
 
 enum probe_status probe_privilege(struct probe_ctx *c)
 {
-	return probe_fail(c, "probe %s: not implemented in the native harness yet", c->probe->name);
+	uint64_t n = (uint64_t)arg_int(c, "iterations");
+	uint64_t base = pmu_selector(pmu_event(c->l, "instructions"), EVTSEL_EN) & ~(EVTSEL_OS | EVTSEL_USR);
+	struct guest_cmd *usr, *os, *both;
+	enum probe_status ret = probe_need_counters(c, 1);
+	struct vcpu *v;
+	struct vm vm;
+
+	if (ret != PROBE_OK)
+		return ret;
+	if (start(c, &vm, &v))
+		return PROBE_ERROR;
+	batch_begin(v);
+	g_pmu_quiesce(c, v);
+	usr = count_gp0(c, v, base | EVTSEL_USR, n);
+	os = count_gp0(c, v, base | EVTSEL_OS, n);
+	both = count_gp0(c, v, base | EVTSEL_OS | EVTSEL_USR, n);
+	if (batch_run(v, NULL))
+		ret = probe_fail(c, "%s", vm.err);
+	json_workload(c, "workload", LOOP_PLAIN, n, 0);
+	json_i64(c->obs, "cpl", 0);
+	json_obj_begin(c->obs, "counts");
+	json_value_or_null(c->obs, "usr", usr);
+	json_value_or_null(c->obs, "os", os);
+	json_value_or_null(c->obs, "both", both);
+	json_obj_end(c->obs);
+	json_exceptions(c->obs, v);
+	vm_destroy(&vm);
+	return ret;
 }
 
-enum probe_status probe_umask_pair(struct probe_ctx *c)
+enum probe_status probe_running_write(struct probe_ctx *c)
 {
-	return probe_fail(c, "probe %s: not implemented in the native harness yet", c->probe->name);
+	uint64_t n = (uint64_t)arg_int(c, "iterations");
+	const struct pmu_layout *l = c->l;
+	const struct pmu_info *p = &c->pmu;
+	/* -1 through the full-width alias, or 32 bits sign-extended through the legacy one. */
+	bool fw = probe_full_width(c) || !l->legacy_ctr_base;
+	uint32_t ctr = fw ? pmu_ctr_msr(l, 0) : l->legacy_ctr_base;
+	uint64_t minus_one = fw ? width_mask(p->gp_width) : 0xffffffffULL;
+	struct guest_cmd *zero, *wrapped, *status;
+	enum probe_status ret = probe_need_counters(c, 1);
+	struct vcpu *v;
+	struct vm vm;
+
+	if (ret != PROBE_OK)
+		return ret;
+	if (start(c, &vm, &v))
+		return PROBE_ERROR;
+	batch_begin(v);
+	g_pmu_quiesce(c, v);
+	g_wrmsr(v, pmu_sel_msr(l, 0), pmu_selector(pmu_event(l, "instructions"), EVTSEL_EN));
+	g_wrmsr(v, l->global_ctrl, 1);
+	/* While it runs: write 0 to the counter, loop, write 0 again; what remains is the tail. */
+	batch_add(v, OP_MEASURE, ctr, 0, 0, n, MEASURE_LOOP_PLAIN);
+	g_wrmsr(v, l->global_ctrl, 0);
+	zero = g_rdmsr(v, pmu_ctr_msr(l, 0));
+	/* -1 written to the running counter, then the loop wraps it (check_running_counter_wrmsr). */
+	g_wrmsr(v, pmu_ctr_msr(l, 0), 0);
+	g_wrmsr(v, l->global_status_clr, pmu_global_mask(p, true));
+	g_wrmsr(v, l->global_ctrl, 1);
+	g_wrmsr(v, ctr, minus_one);
+	g_measure(c, v, 1, n, false);
+	wrapped = g_rdmsr(v, pmu_ctr_msr(l, 0));
+	status = g_rdmsr(v, l->global_status);
+	g_pmu_quiesce(c, v);
+	if (batch_run(v, NULL))
+		ret = probe_fail(c, "%s", vm.err);
+	json_workload(c, "workload", LOOP_PLAIN, n, 0);
+	json_value_or_null(c->obs, "after_write_zero", zero);
+	json_obj_begin(c->obs, "from_minus_one");
+	json_u64(c->obs, "written", minus_one);
+	json_value_or_null(c->obs, "count", wrapped);
+	json_value_or_null(c->obs, "global_status", status);
+	json_obj_end(c->obs);
+	json_exceptions(c->obs, v);
+	vm_destroy(&vm);
+	return ret;
 }
 
 enum probe_status probe_legacy_k7(struct probe_ctx *c)
 {
-	return probe_fail(c, "probe %s: not implemented in the native harness yet", c->probe->name);
+	uint64_t n = (uint64_t)arg_int(c, "iterations");
+	const struct pmu_layout *l = c->l;
+	const struct pmu_info *p = &c->pmu;
+	uint64_t sel = pmu_selector(pmu_event(l, "instructions"), 0);
+	struct { uint64_t written; struct guest_cmd *wr, *rd, *f15h, *pmc, *selw, *selr, *cnt; } a[4];
+	enum probe_status ret = PROBE_OK;
+	struct vcpu *v;
+	struct vm vm;
+	int nk = (int)l->k7_count;
+
+	if (!nk)
+		return probe_unsupported(c, "%s has no K7 legacy counter MSRs", l->vendor);
+	if (start(c, &vm, &v))
+		return PROBE_ERROR;
+	batch_begin(v);
+	if (p->has_global)
+		g_wrmsr(v, l->global_ctrl, 0);
+	for (int i = 0; i < nk; i++) {
+		a[i].written = 0x12345000ULL + (uint64_t)i;
+		a[i].wr = g_wrmsr(v, l->k7_ctr_base + (uint32_t)i, a[i].written);
+		a[i].rd = g_rdmsr(v, l->k7_ctr_base + (uint32_t)i);
+		a[i].f15h = g_rdmsr(v, pmu_ctr_msr(l, i));
+		a[i].pmc = g_rdpmc(v, (uint32_t)i);
+		a[i].selw = g_wrmsr(v, l->k7_sel_base + (uint32_t)i, sel);
+		a[i].selr = g_rdmsr(v, pmu_sel_msr(l, i));
+		/* Count through K7 alone: the window is the K7 selector's enable bit. */
+		g_wrmsr(v, l->k7_ctr_base + (uint32_t)i, 0);
+		if (p->has_global)
+			g_wrmsr(v, l->global_ctrl, 1ULL << i);
+		batch_add(v, OP_MEASURE, l->k7_sel_base + (uint32_t)i, sel | EVTSEL_EN, sel, n, MEASURE_LOOP_PLAIN);
+		a[i].cnt = g_rdmsr(v, l->k7_ctr_base + (uint32_t)i);
+		if (p->has_global)
+			g_wrmsr(v, l->global_ctrl, 0);
+		g_wrmsr(v, l->k7_sel_base + (uint32_t)i, 0);
+		g_wrmsr(v, l->k7_ctr_base + (uint32_t)i, 0);
+	}
+	if (batch_run(v, NULL))
+		ret = probe_fail(c, "%s", vm.err);
+	json_workload(c, "workload", LOOP_PLAIN, n, 0);
+	json_arr_begin(c->obs, "counters");
+	for (int i = 0; i < nk; i++) {
+		char name[32], fname[48];
+
+		snprintf(name, sizeof(name), "MSR_K7_PERFCTR%d", i);
+		snprintf(fname, sizeof(fname), "%s%d", l->ctr_name, i);
+		json_obj_begin(c->obs, NULL);
+		json_i64(c->obs, "index", i);
+		json_u64(c->obs, "written", a[i].written);
+		json_access(c->obs, "k7_wrmsr", "wrmsr", l->k7_ctr_base + (uint32_t)i, name, a[i].wr, true,
+			    a[i].written);
+		json_access(c->obs, "k7_rdmsr", "rdmsr", l->k7_ctr_base + (uint32_t)i, name, a[i].rd, false, 0);
+		json_access(c->obs, "f15h_rdmsr", "rdmsr", pmu_ctr_msr(l, i), fname, a[i].f15h, false, 0);
+		json_access(c->obs, "rdpmc", "rdpmc", (uint32_t)i, "RDPMC", a[i].pmc, false, 0);
+		snprintf(name, sizeof(name), "MSR_K7_EVNTSEL%d", i);
+		json_access(c->obs, "k7_sel_wrmsr", "wrmsr", l->k7_sel_base + (uint32_t)i, name, a[i].selw, true, sel);
+		json_value_or_null(c->obs, "f15h_sel_read", a[i].selr);
+		json_value_or_null(c->obs, "count", a[i].cnt);
+		json_obj_end(c->obs);
+	}
+	json_arr_end(c->obs);
+	json_exceptions(c->obs, v);
+	vm_destroy(&vm);
+	return ret;
 }

@@ -305,12 +305,253 @@ enum probe_status probe_filter_invalid(struct probe_ctx *c)
 	return PROBE_OK;
 }
 
+/* Counts of GP counters 0..nsel-1 programmed with sels[] over the loop (GLOBAL_CTRL window). */
+static int count_sels(struct probe_ctx *c, struct vcpu *v, const uint64_t *sels, int nsel, uint64_t n,
+		      struct reading *out)
+{
+	const struct pmu_layout *l = c->l;
+	struct guest_cmd *rd[8];
+	int e;
+
+	batch_begin(v);
+	g_pmu_quiesce(c, v);
+	for (int i = 0; i < nsel; i++)
+		g_wrmsr(v, pmu_sel_msr(l, i), sels[i]);
+	g_measure(c, v, width_mask(nsel), n, false);
+	for (int i = 0; i < nsel; i++)
+		rd[i] = g_rdmsr(v, pmu_ctr_msr(l, i));
+	g_pmu_quiesce(c, v);
+	e = batch_run(v, NULL);
+	for (int i = 0; i < nsel; i++)
+		out[i] = reading_of(rd[i]);
+	return e;
+}
+
+enum probe_status probe_umask_pair(struct probe_ctx *c)
+{
+	uint64_t n = (uint64_t)arg_int(c, "iterations");
+	const struct pmu_layout *l = c->l;
+	struct { const struct pmu_event *a, *b; struct reading plain[2], denied[2]; int set_errno; } pr[4];
+	enum probe_status ret = probe_need_counters(c, 2);
+	int np = 0;
+	struct vcpu *v;
+	struct vm vm;
+
+	if (ret != PROBE_OK)
+		return ret;
+	memset(pr, 0, sizeof(pr));
+	/* Pairs straight from the vendor's table: same event select, different unit mask. */
+	for (size_t i = 0; i < l->nevents && np < 4; i++)
+		for (size_t k = i + 1; k < l->nevents && np < 4; k++)
+			if (l->events[i].select == l->events[k].select && l->events[i].umask != l->events[k].umask) {
+				pr[np].a = &l->events[i];
+				pr[np++].b = &l->events[k];
+			}
+	if (!np)
+		return probe_unsupported(c, "the %s event table has no two events sharing an event select",
+					 l->vendor);
+	if (probe_vm(c, &vm, &v, &default_opts)) {
+		vm_destroy(&vm);
+		return PROBE_ERROR;
+	}
+	for (int i = 0; i < np && ret == PROBE_OK; i++) {
+		uint64_t sels[2] = { pmu_selector(pr[i].a, EVTSEL_EN), pmu_selector(pr[i].b, EVTSEL_EN) };
+		uint64_t key = pmu_filter_key(pr[i].b);
+
+		if (count_sels(c, v, sels, 2, n, pr[i].plain))
+			ret = probe_fail(c, "%s", vm.err);
+		/* The filter key carries the umask: denying the second must not touch the first. */
+		pr[i].set_errno = set_filter(&vm, KVM_PMU_EVENT_DENY, 0, 0, &key, 1);
+		if (ret == PROBE_OK && count_sels(c, v, sels, 2, n, pr[i].denied))
+			ret = probe_fail(c, "%s", vm.err);
+		set_filter(&vm, KVM_PMU_EVENT_DENY, 0, 0, NULL, 0);
+	}
+	json_workload(c, "workload", LOOP_PLAIN, n, 0);
+	json_arr_begin(c->obs, "pairs");
+	for (int i = 0; i < np; i++) {
+		json_obj_begin(c->obs, NULL);
+		json_u64(c->obs, "select", pr[i].a->select);
+		for (int k = 0; k < 2; k++) {
+			const struct pmu_event *e = k ? pr[i].b : pr[i].a;
+
+			json_obj_begin(c->obs, k ? "second" : "first");
+			json_str(c->obs, "event", e->name);
+			json_u64(c->obs, "umask", e->umask);
+			json_reading(c->obs, "count", pr[i].plain[k]);
+			json_reading(c->obs, "count_second_denied", pr[i].denied[k]);
+			json_obj_end(c->obs);
+		}
+		json_i64(c->obs, "set_errno", pr[i].set_errno);
+		json_obj_end(c->obs);
+	}
+	json_arr_end(c->obs);
+	json_exceptions(c->obs, v);
+	vm_destroy(&vm);
+	return ret;
+}
+
+#define MAX_TEST_EVENTS 10      /* pmu_event_filter_test.c: room kept for a case's entries */
+
 enum probe_status probe_masked_events(struct probe_ctx *c)
 {
-	return probe_fail(c, "probe %s: not implemented in the native harness yet", c->probe->name);
+	uint64_t n = (uint64_t)arg_int(c, "iterations");
+	bool dense = !strcmp(arg_str(c, "density"), "dense");
+	const struct pmu_layout *l = c->l;
+	const struct pmu_event *mem = l->mem_events;
+	struct { struct reading cnt[3]; int set_errno; uint64_t ev[2]; } r[MASKED_CASES];
+	enum probe_status ret = probe_need_counters(c, 3);
+	int ndummy = dense ? FILTER_MAX_EVENTS - MAX_TEST_EVENTS : 0, done = 0;
+	uint64_t *ev;
+	struct vcpu *v;
+	struct vm vm;
+
+	if (ret != PROBE_OK)
+		return ret;
+	ev = calloc(FILTER_MAX_EVENTS, sizeof(*ev));
+	if (!ev)
+		return probe_fail(c, "out of memory");
+	memset(r, 0, sizeof(r));
+	/* add_dummy_events(): every select but the tested one, every 4th an exclude entry. */
+	for (int i = 0; i < ndummy; i++) {
+		int sel = i % 0xff;
+
+		if (sel == (mem[0].select & 0xff))
+			sel++;
+		ev[i] = MASKED_ENTRY(sel, 0, 0, i % 4 == 0);
+	}
+	if (probe_vm(c, &vm, &v, &default_opts)) {
+		free(ev);
+		vm_destroy(&vm);
+		return PROBE_ERROR;
+	}
+	for (int k = 0; k < MASKED_CASES && ret == PROBE_OK; k++, done++) {
+		const struct masked_case *mc = &l->masked_cases[k];
+		struct guest_cmd *cnt[3];
+
+		for (int e = 0; e < mc->n; e++) {
+			r[k].ev[e] = MASKED_ENTRY(mem[0].select, mc->e[e].mask, mc->e[e].match, mc->e[e].exclude);
+			ev[ndummy + e] = r[k].ev[e];
+		}
+		r[k].set_errno = set_filter(&vm, KVM_PMU_EVENT_ALLOW, KVM_PMU_EVENT_FLAG_MASKED_EVENTS, 0, ev,
+					    (uint32_t)(ndummy + mc->n));
+		/* Loads, stores and loads+stores on GP 0-2 over the memory loop. */
+		batch_begin(v);
+		g_pmu_quiesce(c, v);
+		for (int i = 0; i < 3; i++)
+			g_wrmsr(v, pmu_sel_msr(l, i), pmu_selector(&mem[i], EVTSEL_EN));
+		g_wrmsr(v, l->global_ctrl, 0x7);
+		batch_add(v, OP_MEMLOOP, n, 0, 0, 0, 0);
+		g_wrmsr(v, l->global_ctrl, 0);
+		for (int i = 0; i < 3; i++)
+			cnt[i] = g_rdmsr(v, pmu_ctr_msr(l, i));
+		g_pmu_quiesce(c, v);
+		if (batch_run(v, NULL))
+			ret = probe_fail(c, "case %d: %s", k, vm.err);
+		for (int i = 0; i < 3; i++)
+			r[k].cnt[i] = reading_of(cnt[i]);
+	}
+	json_str(c->obs, "density", dense ? "dense" : "sparse");
+	json_i64(c->obs, "nevents_dummy", ndummy);
+	json_arr_begin(c->obs, "cases");
+	for (int k = 0; k < done; k++) {
+		static const char *const names[3] = { "loads", "stores", "loads_stores" };
+
+		json_obj_begin(c->obs, NULL);
+		json_i64(c->obs, "case", k);
+		json_i64(c->obs, "set_errno", r[k].set_errno);
+		json_arr_begin(c->obs, "events");
+		for (int e = 0; e < l->masked_cases[k].n; e++)
+			json_u64(c->obs, NULL, r[k].ev[e]);
+		json_arr_end(c->obs);
+		json_obj_begin(c->obs, "counts");
+		for (int i = 0; i < 3; i++)
+			json_reading(c->obs, names[i], r[k].cnt[i]);
+		json_obj_end(c->obs);
+		json_obj_end(c->obs);
+	}
+	json_arr_end(c->obs);
+	json_exceptions(c->obs, v);
+	free(ev);
+	vm_destroy(&vm);
+	return ret;
+}
+
+/* FC idx counts its event over the loop: the upstream guest's only job (intel_run_fixed_counter_guest_code). */
+static int count_fixed(struct probe_ctx *c, struct vcpu *v, int idx, uint64_t n, struct reading *out)
+{
+	const struct pmu_layout *l = c->l;
+	struct guest_cmd *rd;
+	int e;
+
+	batch_begin(v);
+	g_pmu_quiesce(c, v);
+	g_wrmsr(v, l->fixed_ctrl, (FIXED_CTRL_OS | FIXED_CTRL_USR) << (4 * idx));
+	g_measure(c, v, 1ULL << (32 + idx), n, false);
+	rd = g_rdmsr(v, l->fixed_base + (uint32_t)idx);
+	g_pmu_quiesce(c, v);
+	e = batch_run(v, NULL);
+	*out = reading_of(rd);
+	return e;
 }
 
 enum probe_status probe_filter_fixed_bitmap(struct probe_ctx *c)
 {
-	return probe_fail(c, "probe %s: not implemented in the native harness yet", c->probe->name);
+	uint64_t n = (uint64_t)arg_int(c, "iterations");
+	const struct pmu_layout *l = c->l;
+	const struct pmu_info *p = &c->pmu;
+	const uint64_t events[2] = { pmu_filter_key(pmu_event(l, "instructions")),
+				     pmu_filter_key(pmu_event(l, "branches")) };
+	int m = p->fixed > 4 ? 4 : p->fixed;
+	struct reading none[4];
+	enum probe_status ret = probe_need_counters(c, 1);
+	struct vcpu *v;
+	struct vm vm;
+
+	if (ret != PROBE_OK)
+		return ret;
+	if (!l->fixed_base || !m)
+		return probe_unsupported(c, "the %s guest PMU has no fixed counters", l->vendor);
+	if (probe_vm(c, &vm, &v, &default_opts)) {
+		vm_destroy(&vm);
+		return PROBE_ERROR;
+	}
+	json_i64(c->obs, "fixed_counters", m);
+	for (int i = 0; i < m && ret == PROBE_OK; i++)
+		if (count_fixed(c, v, i, n, &none[i]))
+			ret = probe_fail(c, "%s", vm.err);
+	json_arr_begin(c->obs, "no_filter");
+	for (int i = 0; i < m; i++)
+		json_reading(c->obs, NULL, ret == PROBE_OK && (p->fixed_mask >> i & 1) ? none[i] :
+			     (struct reading){ false, 0 });
+	json_arr_end(c->obs);
+	json_arr_begin(c->obs, "results");
+	/* Every supported counter x every bitmap x allow/deny x with and without events[]. */
+	for (int i = 0; i < m && ret == PROBE_OK; i++) {
+		if (!(p->fixed_mask >> i & 1))
+			continue;
+		for (uint32_t b = 0; b < (1u << m) && ret == PROBE_OK; b++) {
+			for (int act = 0; act < 2 && ret == PROBE_OK; act++) {
+				for (int with = 0; with < 2 && ret == PROBE_OK; with++) {
+					uint32_t action = act ? KVM_PMU_EVENT_DENY : KVM_PMU_EVENT_ALLOW;
+					int e = set_filter(&vm, action, 0, b, with ? events : NULL, with ? 2 : 0);
+					struct reading r;
+
+					if (count_fixed(c, v, i, n, &r))
+						ret = probe_fail(c, "%s", vm.err);
+					json_obj_begin(c->obs, NULL);
+					json_i64(c->obs, "counter", i);
+					json_u64(c->obs, "bitmap", b);
+					json_str(c->obs, "action", act ? "deny" : "allow");
+					json_bool(c->obs, "with_events", with);
+					json_i64(c->obs, "set_errno", e);
+					json_reading(c->obs, "count", r);
+					json_obj_end(c->obs);
+				}
+			}
+		}
+	}
+	json_arr_end(c->obs);
+	json_exceptions(c->obs, v);
+	vm_destroy(&vm);
+	return ret;
 }
