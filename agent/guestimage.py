@@ -104,6 +104,66 @@ sleep 5
 """
 
 
+# Extra busybox applets the perf image's init uses.
+PERF_APPLETS = ("timeout", "grep", "wc", "mkdir", "tail", "head", "ls", "env", "true", "rm", "uname", "id", "seq",
+                "cut", "date")
+MARK_SECTION_BEGIN = "PMUFARM-SECTION-BEGIN"
+MARK_SECTION_END = "PMUFARM-SECTION-END"
+PERF_ITERATIONS = 10_000_000     # the fixed workload of perf stat / perf record: loop(N), 3N instructions
+PERF_RECORD_PERIOD = 100_000     # instructions:u per sample (hardware) and ns of cpu-clock (software)
+
+# The perf image's init: each command's output goes to a file first (nothing interleaves on the
+# console), then between SECTION markers with its exit status. ``pmufarm_perf_test=0`` on the
+# command line leaves `perf test` out, ``pmufarm_perf_test_timeout=S`` bounds it (busybox timeout).
+PERF_INIT_SCRIPT = f"""#!/bin/sh
+# pmufarm perf guest init: perf stat, perf record (hardware and software events) and perf test,
+# each section between markers on the serial console; then perfload's enum JSON; then reboot.
+export PATH=/bin:/usr/bin HOME=/tmp
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
+mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
+mkdir -p /tmp
+echo 1 > /proc/sys/kernel/printk
+echo -1 > /proc/sys/kernel/perf_event_paranoid
+n=$(sed -n 's/.*pmufarm_iterations=\\([0-9]*\\).*/\\1/p' /proc/cmdline)
+n=${{n:-{PERF_ITERATIONS}}}
+p={PERF_RECORD_PERIOD}
+do_test=$(sed -n 's/.*pmufarm_perf_test=\\([0-9]*\\).*/\\1/p' /proc/cmdline)
+tlimit=$(sed -n 's/.*pmufarm_perf_test_timeout=\\([0-9]*\\).*/\\1/p' /proc/cmdline)
+only=$(sed -n 's/.*pmufarm_perf_tests=\\([0-9+]*\\).*/\\1/p' /proc/cmdline | tr '+' ' ')
+echo {MARK_READY}
+section() {{
+    name=$1; shift
+    "$@" > /tmp/section.out 2>&1
+    rc=$?
+    echo "{MARK_SECTION_BEGIN} $name"
+    cat /tmp/section.out
+    echo "{MARK_SECTION_END} $name rc=$rc"
+}}
+W="/bin/perfload --where guest --mode spin --iterations $n"
+section version perf version
+section stat perf stat -x , -e instructions:u,branches:u -- $W
+section record_hw perf record -e instructions:u -c $p -o /tmp/hw.data -- $W
+section record_sw perf record -e cpu-clock:u -c $p -o /tmp/sw.data -- $W
+section report_sw perf report -i /tmp/sw.data --stdio --sort sym -q
+if [ "$do_test" != 0 ]; then
+    section test timeout ${{tlimit:-600}} perf test $only
+    for t in $(grep 'FAILED!' /tmp/section.out | sed 's/^ *\\([0-9.]*\\):.*/\\1/'); do
+        section "test_verbose $t" timeout 60 perf test -v "${{t%%.*}}"
+    done
+fi
+/bin/perfload --where guest --mode enum > /tmp/out.json 2> /tmp/err.txt
+rc=$?
+echo {MARK_BEGIN}
+cat /tmp/out.json
+echo {MARK_END} rc=$rc
+reboot -f
+sleep 5
+"""
+
+
 class GuestImageError(RuntimeError):
     """Something the guest needs is missing (``missing`` names it) or could not be built."""
 
@@ -343,39 +403,109 @@ def _newc(entries: Iterable[_Entry]) -> bytes:
     return out.getvalue()
 
 
-def initramfs_bytes(perfload: Path, busybox: Path, init_script: str = INIT_SCRIPT) -> bytes:
-    entries = [_Entry(d, 0o040755) for d in ("bin", "dev", "proc", "sys", "tmp")]
+def initramfs_bytes(perfload: Path, busybox: Path, init_script: str = INIT_SCRIPT,
+                    extra: dict[str, Path] | None = None, applets: Iterable[str] = BUSYBOX_APPLETS,
+                    compress: bool = True) -> bytes:
+    """``extra``: guest path -> host file (parent directories are added). ``compress=False`` writes a
+    plain cpio: the kernel unpacks it without a decompressor, which under TCG is the cheaper way
+    to carry tens of MB (perf and its libraries)."""
+    dirs = ["bin", "dev", "proc", "sys", "tmp"]
+    for guest in extra or {}:
+        parts = guest.strip("/").split("/")[:-1]
+        dirs += ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    entries = [_Entry(d, 0o040755) for d in dict.fromkeys(dirs)]
     entries.append(_Entry("dev/console", 0o020600, rdev=(5, 1)))
     entries.append(_Entry("dev/ttyS0", 0o020660, rdev=(4, 64)))
     entries.append(_Entry("bin/busybox", 0o100755, busybox.read_bytes()))
-    entries += [_Entry(f"bin/{a}", 0o120777, b"busybox") for a in BUSYBOX_APPLETS]
+    entries += [_Entry(f"bin/{a}", 0o120777, b"busybox") for a in dict.fromkeys(applets)]
     entries.append(_Entry("bin/perfload", 0o100755, perfload.read_bytes()))
+    for guest, host in (extra or {}).items():
+        entries.append(_Entry(guest.strip("/"), 0o100755, host.read_bytes()))
     entries.append(_Entry("init", 0o100755, init_script.encode()))
-    return gzip.compress(_newc(entries), compresslevel=6, mtime=0)
+    data = _newc(entries)
+    return gzip.compress(data, compresslevel=6, mtime=0) if compress else data
 
 
 def build_initramfs(perfload: Path | None = None, busybox: Path | None = None, out_dir: Path | None = None,
-                    init_script: str = INIT_SCRIPT) -> Path:
-    """Write (or reuse, keyed by content) ``initramfs-<sha>.cpio.gz`` and return its path."""
+                    init_script: str = INIT_SCRIPT, with_perf: bool = False) -> Path:
+    """Write (or reuse, keyed by content) ``initramfs-<sha>.cpio.gz`` and return its path.
+
+    ``with_perf``: the perf image (:data:`PERF_INIT_SCRIPT` unless another script is given):
+    the host's ``perf`` and its ldd closure next to perfload, uncompressed (``perf-<sha>.cpio``).
+    """
     perfload = perfload or build_perfload()
     busybox = busybox or find_busybox()
+    extra: dict[str, Path] = {}
+    applets: Iterable[str] = BUSYBOX_APPLETS
+    if with_perf:
+        extra = perf_files()
+        applets = (*BUSYBOX_APPLETS, *PERF_APPLETS)
+        if init_script is INIT_SCRIPT:
+            init_script = PERF_INIT_SCRIPT
     h = hashlib.sha256()
-    for part in (perfload.read_bytes(), busybox.read_bytes(), init_script.encode()):
+    for part in (perfload.read_bytes(), busybox.read_bytes(), init_script.encode(), " ".join(applets).encode()):
         h.update(hashlib.sha256(part).digest())
+    for guest, host in sorted(extra.items()):
+        h.update(guest.encode() + hashlib.sha256(host.read_bytes()).digest())
     out_dir = out_dir or cache_dir() / "initramfs"
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"initramfs-{h.hexdigest()[:16]}.cpio.gz"
+    prefix, suffix = ("perf-", ".cpio") if with_perf else ("initramfs-", ".cpio.gz")
+    path = out_dir / f"{prefix}{h.hexdigest()[:16]}{suffix}"
     if not path.is_file():
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(initramfs_bytes(perfload, busybox, init_script))
+        tmp.write_bytes(initramfs_bytes(perfload, busybox, init_script, extra, applets, compress=not with_perf))
         tmp.replace(path)
         # keep the cache small: the newest few images (older perfload builds) stay, the rest go
         with contextlib.suppress(OSError):
-            old = sorted(out_dir.glob("initramfs-*.cpio.gz"), key=lambda f: f.stat().st_mtime, reverse=True)
+            old = sorted(out_dir.glob(f"{prefix}*{suffix}"), key=lambda f: f.stat().st_mtime, reverse=True)
             for stale in old[KEEP_IMAGES:]:
                 if stale != path:
                     stale.unlink()
     return path
+
+
+# --------------------------------------------------------------------------------------------------
+# perf in the guest
+
+
+def find_perf(explicit: str | os.PathLike | None = None) -> Path:
+    """The host's perf ELF (Debian ``linux-perf``): argument, env PMUFARM_GUEST_PERF, /usr/bin/perf,
+    then /usr/bin/perf_* (where /usr/bin/perf is Debian's version-dispatching wrapper script)."""
+    cands = [explicit] if explicit else [os.environ.get("PMUFARM_GUEST_PERF"), "/usr/bin/perf",
+                                         *sorted(glob.glob("/usr/bin/perf_[0-9]*"), reverse=True)]
+    for cand in cands:
+        if cand and Path(cand).is_file():
+            with open(cand, "rb") as fh:
+                if fh.read(4) == b"\x7fELF":
+                    return Path(cand)
+    raise GuestImageError("no perf binary (looked at " + ", ".join(c for c in cands if c) +
+                          "; Debian package linux-perf provides it)", missing="linux-perf")
+
+
+def ldd_closure(binary: Path) -> dict[str, Path]:
+    """Guest path -> host file for every shared library ``binary`` loads, and its loader (``ldd``)."""
+    if not shutil.which("ldd"):
+        raise GuestImageError("listing perf's libraries needs ldd (Debian libc-bin)", missing="libc-bin")
+    r = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, check=False)
+    if "not a dynamic executable" in (r.stdout + r.stderr):
+        return {}
+    files: dict[str, Path] = {}
+    for line in r.stdout.splitlines():
+        line = line.strip()
+        if "=> not found" in line:
+            raise GuestImageError(f"{binary}: library {line.split()[0]} not found (ldd)", missing=line.split()[0])
+        path = line.split("=>", 1)[1].strip() if "=>" in line else line
+        path = path.split(" (", 1)[0].strip()
+        if path.startswith("/"):  # linux-vdso has no file
+            files[path] = Path(path).resolve()
+    if r.returncode != 0 or not files:
+        raise GuestImageError(f"ldd {binary} failed: {(r.stderr or r.stdout).strip()[-300:]}")
+    return files
+
+
+def perf_files(perf: Path | None = None) -> dict[str, Path]:
+    perf = perf or find_perf()
+    return {"usr/bin/perf": perf, **{k.lstrip("/"): v for k, v in ldd_closure(perf).items()}}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -450,6 +580,7 @@ class GuestRun:
     total_s: float = 0.0                    # QEMU start -> QEMU gone
     console: str = ""
     hook_result: Any = None
+    sections: dict[str, dict[str, Any]] = field(default_factory=dict)   # perf image: name -> {rc, output}
 
     def console_tail(self, lines: int = 25) -> str:
         return "\n".join(self.console.splitlines()[-lines:])
@@ -585,7 +716,24 @@ def run_guest(kernel: Path | str | None = None, initrd: Path | None = None, acce
     return run
 
 
+def _parse_sections(run: GuestRun) -> None:
+    """``SECTION-BEGIN name`` .. ``SECTION-END name rc=N`` blocks (the perf image's commands)."""
+    name, body = None, []
+    for line in run.console.splitlines():
+        if line.startswith(MARK_SECTION_BEGIN + " "):
+            name, body = line[len(MARK_SECTION_BEGIN) + 1:].strip(), []
+        elif name is not None and line.startswith(f"{MARK_SECTION_END} {name} rc="):
+            rc = line.rsplit("rc=", 1)[1].strip()
+            run.sections[name] = {"rc": int(rc) if rc.lstrip("-").isdigit() else None, "output": "\n".join(body)}
+            name = None
+        elif name is not None:
+            body.append(line)
+    if name is not None:  # the guest died inside a command: keep what it printed, no rc
+        run.sections[name] = {"rc": None, "output": "\n".join(body)}
+
+
 def _parse_result(run: GuestRun) -> None:
+    _parse_sections(run)
     lines = run.console.splitlines()
     begin = next((i for i, line in enumerate(lines) if line.strip() == MARK_BEGIN), None)
     end = next((i for i, line in enumerate(lines) if line.startswith(MARK_END)), None)

@@ -364,6 +364,19 @@ GUEST_PROBES: dict[str, ProbeSpec] = {p.name: p for p in [
                        '{"cpu_present": bool, "type": n, "caps": {...}}, "guest_max_group": k, '
                        '"group_stop": {"stopped_by": str, "errno": e}, "guest_nmi_watchdog": 0, '
                        '"guest_kernel_pmu_log": [lines], "host_kvm_supported_pmu": {...facts...}'),
+    ProbeSpec("guest_perf_tool", False, {"iterations": 10_000_000},
+              "Debian's perf itself in the guest (the host's linux-perf and its libraries in the initramfs): "
+              "perf stat -e instructions:u,branches:u and perf record (instructions:u and cpu-clock:u) over "
+              "perfload --mode spin (loop(N)), and the same perf stat on the host",
+              _GUEST + ', "perf_version": str, "loop": {"instructions": 3N, "branches": N}, "guest_stat": '
+                       '{"instructions:u": STAT, "branches:u": STAT}, "host_stat": {same}, "record_hw": REC, '
+                       '"record_sw": REC + {"top_symbol": str, "top_percent": p} -- STAT = {"count": c or null, '
+                       '"text": "<not supported>"...}, REC = {"rc": n, "samples": s or null, "output": perf text}'),
+    ProbeSpec("guest_perf_test", False, {},
+              "`perf test` (the built-in tests of the host's perf) inside the guest, each test's verdict; "
+              "`perf test -v N` output for each failed one",
+              _GUEST + ', "perf_version": str, "rc": n, "timed_out": bool, "tests": {"4.1": {"name": str, '
+                       '"result": "Ok"|"Skip"|"FAILED!", "reason": str, "verbose": str}}'),
     ProbeSpec("host_include_guest", True, {},
               "the host opens a user-only instructions event WITHOUT exclude_guest (and with it) before a KVM "
               "guest starts, while it runs, and after it is gone",
@@ -374,7 +387,8 @@ GUEST_PROBES: dict[str, ProbeSpec] = {p.name: p for p in [
 # Guest-perf probes need a real Linux guest; only the guest driver answers them, so they stay a
 # catalogue of their own rather than entries every driver must serve.
 GUEST_SUITE_PROBES: dict[str, list[str]] = {
-    "guest_perf": ["guest_boot", "guest_perf_count", "guest_perf_sample", "guest_perf_enum", "host_include_guest"],
+    "guest_perf": ["guest_boot", "guest_perf_count", "guest_perf_sample", "guest_perf_enum", "guest_perf_tool",
+                   "guest_perf_test", "host_include_guest"],
 }
 
 

@@ -1,4 +1,4 @@
-"""Guest boot-to-result time next to the native harness's probe time.
+"""Guest boot-to-result time (perfload image and perf image) next to the native harness's probe time.
 
 Each sample boots the guest image (agent/guestimage.py: busybox initramfs + perfload, QEMU with KVM
 where it runs a Linux guest, TCG otherwise) and stops the clock when the workload's JSON has come
@@ -55,6 +55,24 @@ def bench_guest(runs: int) -> dict:
     }
 
 
+def bench_perf_guest(runs: int, accel: str) -> dict:
+    """The perf image (Debian perf + its libraries, uncompressed cpio) booted to its result: perf
+    stat and perf record over perfload's spin phase, without ``perf test`` (its cost is the tests')."""
+    kernel = guestimage.find_kernel()
+    initrd = guestimage.build_initramfs(with_perf=True)
+    samples = []
+    for _ in range(runs):
+        run = guestimage.run_guest(kernel=kernel, initrd=initrd, accel=accel, timeout=300, memory_mb=512,
+                                   extra_cmdline="pmufarm_perf_test=0")
+        if run.error:
+            return {"error": f"perf image boot failed: {run.error}", "console_tail": run.console_tail(10)}
+        samples.append(run)
+    result = [r.result_s for r in samples]
+    return {"accel": accel, "initrd_mb": round(initrd.stat().st_size / 2**20, 1), "runs": runs,
+            "result_s_median": _median(result), "ready_s_median": _median([r.boot_s for r in samples]),
+            "result_s": [round(x, 3) for x in result]}
+
+
 def bench_native(runs: int) -> dict:
     if not VPMU.is_file():
         return {"missing": f"{VPMU.relative_to(ROOT)} is not built (make -C agent/native)"}
@@ -85,7 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     except guestimage.GuestImageError as exc:
         guest = {"missing": exc.missing, "error": str(exc)}
     native = bench_native(runs)
-    doc = {"bench": "guest_boot", "runs": runs, "guest": guest, "native_selftest": native}
+    try:
+        perf = bench_perf_guest(runs, guest.get("accel", "tcg")) if "accel" in guest else {"error": "no guest"}
+    except guestimage.GuestImageError as exc:
+        perf = {"missing": exc.missing, "error": str(exc)}
+    doc = {"bench": "guest_boot", "runs": runs, "guest": guest, "perf_guest": perf, "native_selftest": native}
     print(json.dumps(doc, indent=1))
     if not ns.json_only:
         g = (f"guest boot-to-result {guest['result_s_median']:.2f}s median ({guest['accel']}, "
@@ -96,7 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         ratio = ""
         if "result_s_median" in guest and native.get("probe_s_median"):
             ratio = f"; guest/native {guest['result_s_median'] / native['probe_s_median']:.0f}x"
-        print(f"{g}; {n}{ratio}")
+        p = (f"perf image (perf stat + 2x perf record) {perf['result_s_median']:.2f}s median "
+             f"(ready {perf['ready_s_median']:.2f}s, initrd {perf['initrd_mb']} MB)"
+             if "result_s_median" in perf else f"perf image: {perf.get('error')}")
+        print(f"{g}; {p}; {n}{ratio}")
     return 0 if "error" not in guest else 1
 
 

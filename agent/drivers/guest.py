@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import errno as errno_mod
 import os
+import re
+import subprocess
 import sys
 import time
 from typing import Any
@@ -36,6 +38,71 @@ from agent import guestimage
 from agent.protocol import COUNT_DEFAULTS, GUEST_PROBES, SAMPLE_DEFAULTS, ProbeResult, parse_params
 
 NO_PMU_ERRNOS = {errno_mod.ENOENT, errno_mod.EOPNOTSUPP, errno_mod.ENODEV}
+
+
+PERF_EVENTS = ("instructions:u", "branches:u")
+_SAMPLES_RE = re.compile(r"\((\d+) samples\)")
+# "  4.1: Read samples using the mmap interface     : Ok"; a name may hold ':' (16: syscalls:...), a
+# verdict (Ok, Skip (why), FAILED!) never does, and a long name has no padding before its ':'
+_PERF_TEST_RE = re.compile(r"^\s*(\d+(?:[.:]\d+)?): (.*?\S)\s*:\s*(Ok|FAILED!|Skip(?: \(.*\))?|[^:]*?)\s*$")
+
+
+def parse_perf_stat(text: str) -> dict[str, dict[str, Any]]:
+    """``perf stat -x ,`` lines -> {event: {"count": int or None, "text": the count field}}."""
+    out: dict[str, dict[str, Any]] = {}
+    for line in text.splitlines():
+        f = line.split(",")
+        if len(f) >= 3 and f[2] in PERF_EVENTS:
+            out[f[2]] = {"count": int(f[0]) if f[0].isdigit() else None, "text": f[0]}
+    return out
+
+
+def parse_perf_record(section: dict[str, Any] | None) -> dict[str, Any]:
+    if not section:
+        return {"rc": None, "samples": None, "output": "(not run: the guest never reached it)"}
+    m = _SAMPLES_RE.search(section["output"])
+    return {"rc": section["rc"], "samples": int(m.group(1)) if m else None,
+            "output": "\n".join(ln for ln in section["output"].splitlines() if not ln.startswith("{"))[-1500:]}
+
+
+def parse_perf_test(text: str) -> dict[str, dict[str, str]]:
+    """``perf test`` lines -> {"4.1": {"name", "result", "reason"}}; parents of subtests (no verdict) left out."""
+    tests: dict[str, dict[str, str]] = {}
+    for line in text.splitlines():
+        m = _PERF_TEST_RE.match(line)
+        if not m or not m.group(3):
+            continue
+        verdict = m.group(3)
+        result, _, reason = verdict.partition(" (")
+        tests[m.group(1).replace(":", ".")] = {"name": m.group(2), "result": result.strip(),
+                                               "reason": reason.rstrip(")").strip()}
+    return tests
+
+
+def perf_test_selection() -> list[str]:
+    """``PMUFARM_PERF_TESTS`` (e.g. ``2,5,7``): only these top-level ``perf test`` numbers; unset = all."""
+    raw = os.environ.get("PMUFARM_PERF_TESTS", "").replace(" ", ",")
+    nums = [n for n in raw.split(",") if n]
+    bad = [n for n in nums if not n.isdigit()]
+    if bad:
+        raise ValueError(f"PMUFARM_PERF_TESTS: {bad[0]!r} is not a perf test number")
+    return nums
+
+
+def perf_test_list(perf: str | None = None) -> list[tuple[str, str]]:
+    """``(id, name)`` of every leaf ``perf test`` case of the host's perf (``perf test list``; the
+    guest runs the same binary), restricted to :func:`perf_test_selection`."""
+    binary = perf or str(guestimage.find_perf())
+    r = subprocess.run([binary, "test", "list"], capture_output=True, text=True, timeout=60, check=False)
+    entries = []
+    for line in (r.stdout + r.stderr).splitlines():
+        m = re.match(r"^\s*(\d+(?:[.:]\d+)?): (.*\S)\s*$", line)
+        if m:
+            entries.append((m.group(1).replace(":", "."), m.group(2)))
+    parents = {tid.split(".")[0] for tid, _ in entries if "." in tid}
+    only = set(perf_test_selection())
+    return [(tid, name) for tid, name in entries
+            if tid not in parents and (not only or tid.split(".")[0] in only)]
 
 
 def _ename(e: int | None) -> str:
@@ -103,6 +170,19 @@ class GuestDriver:
         if key not in self._guest_cache:
             self._guest_cache[key] = guestimage.run_guest(kernel=self.kernel, accel=self.accel, args=args,
                                                           timeout=self.timeout)
+        return self._guest_cache[key]
+
+    def _perf_guest(self, iterations: int) -> guestimage.GuestRun:
+        """One boot of the perf image serves perf stat, perf record and perf test (cached)."""
+        key = ("perf", iterations)
+        if key not in self._guest_cache:
+            limit = int(os.environ.get("PMUFARM_PERF_TEST_TIMEOUT") or 600)
+            only = perf_test_selection()
+            self._guest_cache[key] = guestimage.run_guest(
+                kernel=self.kernel, initrd=guestimage.build_initramfs(with_perf=True), accel=self.accel,
+                timeout=max(self.timeout, limit + 120), memory_mb=512,
+                extra_cmdline=f"pmufarm_iterations={iterations} pmufarm_perf_test_timeout={limit}"
+                              + (f" pmufarm_perf_tests={'+'.join(only)}" if only else ""))
         return self._guest_cache[key]
 
     def _host(self, count: dict[str, int] | None = None, sample: dict[str, int] | None = None) -> dict[str, Any]:
@@ -252,6 +332,57 @@ class GuestDriver:
                        "amd_legacy_implied" else "") + ")")
             return ("unsupported", f"{what} and guest perf_event_open(branches): "
                     f"{_ename(group.get('stop_errno'))} — no PMU in the guest ({self._guest_context(run)})", obs)
+        return "ok", "", obs
+
+    def _probe_guest_perf_tool(self, iterations: int) -> tuple[str, str, dict[str, Any]]:
+        run = self._perf_guest(iterations)
+        if run.error and not run.sections:
+            return self._boot_error(run)
+        sec = run.sections
+        obs: dict[str, Any] = {**self._run_obs(run), "iterations": iterations,
+                               "perf_version": (sec.get("version") or {}).get("output", "").strip(),
+                               "loop": {"instructions": 3 * iterations, "branches": iterations},
+                               "guest_stat": parse_perf_stat((sec.get("stat") or {}).get("output", "")),
+                               "guest_stat_rc": (sec.get("stat") or {}).get("rc"),
+                               "record_hw": parse_perf_record(sec.get("record_hw")),
+                               "record_sw": parse_perf_record(sec.get("record_sw"))}
+        top = next((ln.split() for ln in (sec.get("report_sw") or {}).get("output", "").splitlines()
+                    if ln.strip().split(" ")[0].endswith("%")), None)  # "  97.30%  [.] loop"
+        if top:
+            obs["record_sw"].update(top_percent=float(top[0].rstrip("%")), top_symbol=top[-1])
+        obs["host_stat"] = self._host_perf_stat(iterations)
+        if run.error:
+            return "error", f"guest ({run.accel}) {run.error}", obs
+        return "ok", "", obs
+
+    def _host_perf_stat(self, iterations: int) -> dict[str, Any]:
+        """The same ``perf stat`` on the host, over the same static workload."""
+        try:
+            perf = guestimage.find_perf()
+        except guestimage.GuestImageError as exc:
+            return {"error": str(exc)}
+        cmd = [str(perf), "stat", "-x", ",", "-e", ",".join(PERF_EVENTS), "--", str(guestimage.build_perfload()),
+               "--where", "host", "--mode", "spin", "--iterations", str(iterations)]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+        return {**parse_perf_stat(r.stderr), "rc": r.returncode,
+                "output": "\n".join(ln for ln in r.stderr.splitlines() if ln.strip())[-600:]}
+
+    def _probe_guest_perf_test(self) -> tuple[str, str, dict[str, Any]]:
+        run = self._perf_guest(guestimage.PERF_ITERATIONS)
+        sec = run.sections.get("test")
+        if sec is None:
+            return self._boot_error(run) if run.error else ("error", "the guest printed no perf test section", {})
+        tests = parse_perf_test(sec["output"])
+        for name, verbose in run.sections.items():
+            if name.startswith("test_verbose "):
+                num = name.split()[1]
+                for tid, t in tests.items():
+                    if tid == num or tid.startswith(num + "."):
+                        t["verbose"] = verbose["output"][-3000:]
+        obs = {**self._run_obs(run), "perf_version": (run.sections.get("version") or {}).get("output", "").strip(),
+               "rc": sec["rc"], "timed_out": sec["rc"] == 124 or sec["rc"] is None, "tests": tests}
+        if not tests:
+            return "error", f"perf test printed no verdicts (rc {sec['rc']}): {sec['output'][-400:]}", obs
         return "ok", "", obs
 
     def _probe_host_include_guest(self) -> tuple[str, str, dict[str, Any]]:

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from agent.drivers.guest import GuestDriver
+from agent import guestimage
+from agent.drivers.guest import GuestDriver, perf_test_list
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +24,16 @@ def pmufarm_driver(pmufarm_state: Any, facts: dict[str, Any]) -> GuestDriver:
     if pmufarm_state.driver is None:  # the results document then names the driver that served
         pmufarm_state.driver = driver
     return driver
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """``perf_test_id``: one test per ``perf test`` case, listed by the host's perf (the binary the
+    guest runs); ``PMUFARM_PERF_TESTS=2,5`` narrows it. Without perf: one case that skips saying so."""
+    if "perf_test_id" not in metafunc.fixturenames:
+        return
+    try:
+        cases = [pytest.param(tid, id=f"{tid} {name}") for tid, name in perf_test_list()]
+    except (guestimage.GuestImageError, ValueError, OSError) as exc:
+        cases = [pytest.param(None, id="perf", marks=pytest.mark.skip(reason=f"no perf test list: {exc}"))]
+    metafunc.parametrize("perf_test_id", cases or [
+        pytest.param(None, id="none", marks=pytest.mark.skip(reason="perf test list names no test"))])

@@ -16,6 +16,9 @@
  *           ring buffer; expected samples = floor(total_count / P).
  *   enum    the CPU's own CPUID PMU enumeration, the perf PMU in sysfs, and how many GP-only
  *           events (branches) one perf group can hold ("max_group").
+ *   spin    run loop(N) once and measure nothing: the fixed workload an outside `perf stat` or
+ *           `perf record` measures (3N instructions and N branches in the loop, plus this
+ *           program's own start-up and output).
  *   include_guest  open instructions WITHOUT exclude_guest (and with, for contrast) and report the
  *           errno: EOPNOTSUPP on a mediated-vPMU host while a mediated VM lives (kernel/events/core.c
  *           mediated_pmu_account_event()).
@@ -656,7 +659,7 @@ static void phase_include_guest(void)
 static void usage(const char *argv0)
 {
 	fprintf(stderr,
-		"usage: %s [--mode count,sample,enum,include_guest] [--iterations N] [--runs R]\n"
+		"usage: %s [--mode count,sample,enum,spin,include_guest] [--iterations N] [--runs R]\n"
 		"          [--sample-iterations N] [--period P] [--exclude-guest 0|1] [--where LABEL]\n",
 		argv0);
 	exit(2);
@@ -742,6 +745,14 @@ int main(int argc, char **argv)
 	if (strstr(modes, ",enum,")) {
 		fputs(", ", stdout);
 		phase_enum();
+	}
+	if (strstr(modes, ",spin,")) {
+		uint64_t s0 = now_ns(), acc = loop(iters);
+		printf(", \"spin\": {\"iterations\": %llu, \"loop_instructions\": %llu, \"loop_branches\": %llu, "
+		       "\"acc\": %llu, \"ns\": %llu}",
+		       (unsigned long long)iters, (unsigned long long)(iters * LOOP_INSNS),
+		       (unsigned long long)(iters * LOOP_BRANCHES), (unsigned long long)acc,
+		       (unsigned long long)(now_ns() - s0));
 	}
 	if (strstr(modes, ",include_guest,")) {
 		fputs(", ", stdout);
