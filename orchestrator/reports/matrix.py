@@ -15,6 +15,13 @@ shows is a stale errata entry, i.e. news; an xfail is documented and expected); 
 skip cell its (most common) reason; the full per-outcome host lists are in the JSON and, in HTML,
 in the cell's hover text (``title``).
 
+Columns are ordered by vendor (Intel, AMD) and generation (``naming.cpu_order``: the order of
+``inventory/microarch.yaml``), the same order as summary.md. Above the tests, a verdict block answers
+"does it work on this CPU" per column: the column's verdict (FAIL, INFRA, NOT TESTED when no host of the
+column ran a test of its suite's subject, else PASS), the hosts' mediated vPMU status (reasons on hover),
+the result counts, and the errata that apply to its hosts. The HTML groups column headers per vendor,
+keeps the header and the test column in view while scrolling, and fits ten columns in 1400 px.
+
 Jobs that produced no verdict (``infra_error``/``timeout``, or ``error`` without results) add a
 ``[job]`` row to their suite with an ``infra`` cell ("infra 1/3" = one of three hosts of that
 column that ran the suite), so missing hosts are visible rather than silently absent.
@@ -40,12 +47,15 @@ from .naming import (
     SKIPPED,
     XFAILED,
     XPASSED,
+    cpu_order,
     cpuid_label,
     erratum_of,
     first_line,
     job_cause,
     job_cpu,
     latest_attempts,
+    mediated_status,
+    not_tested_reason,
     parse_test,
 )
 
@@ -76,6 +86,38 @@ class Column:
     simulated: bool
     models: list[str] = field(default_factory=list)
     hosts: list[str] = field(default_factory=list)
+    sort: tuple = ()
+    jobs: int = 0
+    untested: int = 0
+    counts: Counter = field(default_factory=Counter)       # test outcome -> n; "infra" -> jobs
+    mediated: Counter = field(default_factory=Counter)     # hosts' mediated vPMU status -> jobs
+    mediated_reasons: Counter = field(default_factory=Counter)
+    errata: set[str] = field(default_factory=set)          # errata that apply to the column's hosts
+
+    @property
+    def verdict(self) -> str:
+        """FAIL > INFRA > NOT TESTED > PASS, as summary.md judges a run."""
+        if self.counts[FAILED] or self.counts[ERROR]:
+            return "FAIL"
+        if self.counts["infra"]:
+            return "INFRA"
+        if self.jobs and self.untested == self.jobs:
+            return "NOT TESTED"
+        return "PASS"
+
+    @property
+    def mediated_text(self) -> str:
+        return "/".join(sorted(self.mediated)) or "unknown"
+
+    @property
+    def results(self) -> list[str]:
+        """Result counts, worst first: ["1 fail", "3 pass", "20 skip"]."""
+        order = ("infra", ERROR, FAILED, XPASSED, XFAILED, PASSED, SKIPPED)
+        return [f"{self.counts[o]} {SHORT.get(o, o)}" for o in order if self.counts[o]]
+
+    @property
+    def errata_text(self) -> str:
+        return ",".join(sorted(self.errata)) or "none"
 
     @property
     def header(self) -> str:
@@ -197,20 +239,19 @@ class Matrix:
             "order": [SHORT[o] for o in sorted(SEVERITY, key=SEVERITY.__getitem__, reverse=True)],
             "columns": [{"key": c.key, "label": c.label, "header": c.header, "vendor": c.vendor,
                          "uarch": c.uarch, "uarch_name": c.uarch_name, "simulated": c.simulated,
-                         "models": c.models, "hosts": c.hosts} for c in self.columns],
+                         "models": c.models, "hosts": c.hosts, "verdict": c.verdict,
+                         "mediated": dict(c.mediated), "mediated_reasons": dict(c.mediated_reasons),
+                         "counts": dict(c.counts), "errata": sorted(c.errata), "jobs": c.jobs,
+                         "not_tested_jobs": c.untested} for c in self.columns],
             "rows": [{"suite": r.suite, "test": r.test, "nodeid": r.nodeid,
                       "cells": {k: c.to_json() for k, c in r.cells.items()}} for r in self.rows],
         }
-
-
-_VENDOR_ORDER = {"intel": 0, "amd": 1}
 
 
 def build_matrix(jobs: Iterable[Mapping[str, Any]], suite: str | None = None) -> Matrix:
     """Aggregate jobs (contracts §5; last attempt of each host+suite counts) into a Matrix."""
     cols: dict[str, Column] = {}
     col_models: dict[str, set] = defaultdict(set)
-    col_sort: dict[str, tuple] = {}
     rows: dict[tuple[str, str], Row] = {}
     run_ids: dict[str, None] = {}
     for job in latest_attempts(jobs):
@@ -224,15 +265,19 @@ def build_matrix(jobs: Iterable[Mapping[str, Any]], suite: str | None = None) ->
         col = cols.get(key)
         if col is None:
             col = cols[key] = Column(key=key, label=cpu.label, vendor=cpu.vendor, uarch=cpu.uarch,
-                                     uarch_name=cpu.uarch_name, simulated=cpu.simulated)
+                                     uarch_name=cpu.uarch_name, simulated=cpu.simulated, sort=cpu_order(cpu))
         host = str(job.get("host") or "unknown")
         if host not in col.hosts:
             col.hosts.append(host)
         if cpu.family is not None or cpu.model is not None:
             col_models[key].add((cpu.family or 0, cpu.model or 0))
-        col_sort[key] = (_VENDOR_ORDER.get(cpu.vendor, 9), cpu.uarch == "unknown",
-                         min([cpu.family or 0, *(f for f, _ in col_models[key])]),
-                         min([m for _, m in col_models[key]] or [999]), cpu.uarch, cpu.simulated)
+        col.jobs += 1
+        col.untested += bool(not_tested_reason(job))
+        col.errata.update(cpu.errata)
+        if cpu.known:
+            col.mediated[mediated_status(job)] += 1
+            for why in ((job.get("facts") or {}).get("mediated_pmu") or {}).get("reasons") or ():
+                col.mediated_reasons[str(why)] += 1
 
         tests = job.get("tests") or ()
         for t in tests:
@@ -248,6 +293,7 @@ def build_matrix(jobs: Iterable[Mapping[str, Any]], suite: str | None = None) ->
             if outcome not in SEVERITY:
                 outcome = ERROR
             cell.outcomes[outcome].append(host)
+            col.counts[outcome] += 1
             if outcome in (XFAILED, XPASSED):
                 e = erratum_of(t)
                 if e:
@@ -267,11 +313,12 @@ def build_matrix(jobs: Iterable[Mapping[str, Any]], suite: str | None = None) ->
                 cell = row.cells[key] = Cell()
             o = status if status in ("infra_error", "timeout") else ERROR
             cell.outcomes[o].append(host)
+            col.counts["infra" if o != ERROR else ERROR] += 1
             cell.messages[host] = first_line(job_cause(job), 160)
 
     for key, col in cols.items():
         col.models = [cpuid_label(f, m) for f, m in sorted(col_models[key])]
-    columns = sorted(cols.values(), key=lambda c: col_sort[c.key])
+    columns = sorted(cols.values(), key=lambda c: c.sort)
     # Rows: suites alphabetically, the [job] row first in its suite, then tests by node id.
     ordered = sorted(rows.values(), key=lambda r: (r.suite, r.nodeid != "", r.nodeid))
     return Matrix(columns=columns, rows=ordered, run_ids=list(run_ids))
@@ -318,6 +365,13 @@ def _render_md(m: Matrix) -> str:
     out.append("Cells: worst outcome and how many of the column's results had it. Order: "
                "infra > timeout > error > fail > xpass > xfail > pass > skip; (sim) = simulated hosts.")
     out.append("")
+    if m.columns:
+        out += ["## Per column", ""]
+        out.append("| | " + " | ".join(_md_escape(f"{_vendor_label(c.vendor)} {c.header}") for c in m.columns) + " |")
+        out.append("|---|" + "---|" * len(m.columns))
+        for label, values in _verdict_rows(m):
+            out.append(f"| **{label}** | " + " | ".join(_md_escape(v) for v, _, _ in values) + " |")
+        out.append("")
     for suite in m.suites:
         out += [f"## {suite}", ""]
         out.append("| test | " + " | ".join(_md_escape(c.header) for c in m.columns) + " |")
@@ -329,6 +383,30 @@ def _render_md(m: Matrix) -> str:
                        + " | ".join(_md_cell(r.cells.get(c.key)) for c in m.columns) + " |")
         out.append("")
     return "\n".join(out)
+
+
+def _vendor_label(vendor: str) -> str:
+    return {"intel": "Intel", "amd": "AMD"}.get(vendor, vendor.capitalize() or "Unknown")
+
+
+VERDICT_CLASS = {"PASS": "pass", "FAIL": "fail", "INFRA": "infra", "NOT TESTED": "untested"}
+
+
+def _verdict_rows(m: Matrix) -> list[tuple[str, list[tuple[str, str, str]]]]:
+    """The per-column verdict block: (label, [(text, css class, hover text) per column])."""
+    def mediated(c: Column) -> tuple[str, str, str]:
+        ok = c.mediated and set(c.mediated) == {"available"}
+        why = "; ".join(f"{r} (×{n})" for r, n in c.mediated_reasons.most_common(5))
+        return c.mediated_text, "pass" if ok else ("none" if not c.mediated else "skip"), why or c.mediated_text
+
+    return [
+        ("verdict", [(c.verdict, VERDICT_CLASS[c.verdict], f"{c.jobs} job(s), {c.untested} tested nothing of "
+                      "their suite's subject") for c in m.columns]),
+        ("mediated vPMU", [mediated(c) for c in m.columns]),
+        ("results", [(" · ".join(c.results) or "–", "count", ", ".join(c.results)) for c in m.columns]),
+        ("errata", [(c.errata_text, "xfail" if c.errata else "none", "errata that apply to this column's hosts: "
+                     + c.errata_text) for c in m.columns]),
+    ]
 
 
 def _render_csv(m: Matrix) -> str:
@@ -364,17 +442,27 @@ p.meta { margin: 0 0 10px; color: #555; }
 table.matrix { border-collapse: separate; border-spacing: 0; }
 table.matrix th, table.matrix td { border-bottom: 1px solid #e4e4e4; border-right: 1px solid #e4e4e4;
   padding: 3px 6px; }
-table.matrix thead th { position: sticky; top: 0; background: #f4f6f8; z-index: 2; vertical-align: bottom;
-  font-weight: 600; text-align: center; min-width: 92px; border-bottom: 2px solid #bbb; }
-table.matrix thead th.test { text-align: left; min-width: 320px; }
+table.matrix { font-size: 12.5px; }
+table.matrix thead { position: sticky; top: 0; z-index: 3; }
+table.matrix thead th { background: #f4f6f8; vertical-align: bottom; font-weight: 600; text-align: center;
+  min-width: 62px; max-width: 104px; border-bottom: 2px solid #bbb; padding: 2px 4px; }
+table.matrix thead th.test { text-align: left; min-width: 200px; max-width: 260px; }
+table.matrix thead tr.vendors th { border-bottom: 2px solid #263238; font-size: 13px; letter-spacing: .04em; }
+table.matrix thead tr.vendors th.v-intel { background: #dbe9f7; }
+table.matrix thead tr.vendors th.v-amd { background: #f7dedb; }
+tr.verdict td.test { font-family: inherit; font-weight: 600; }
+tr.verdict td.cell { font-size: 12px; }
+.cell.untested { color: #5d4037; background: repeating-linear-gradient(135deg, #eee 0 5px, #ddd 5px 10px); }
+.cell.count { color: #333; background: #fff; font-weight: 400; white-space: normal; }
 th .models, th .hosts { display: block; font-weight: 400; color: #555; font-size: 12px; }
 th.sim { background: repeating-linear-gradient(135deg, #f4f6f8 0 6px, #e2e6ea 6px 12px) !important;
   border-top: 2px dashed #888; }
 th.sim .simtag { display: inline-block; font-size: 11px; padding: 0 4px; border: 1px dashed #666;
   border-radius: 3px; margin-left: 3px; background: #fff; }
 tr.suite th { text-align: left; background: #263238; color: #fff; padding: 5px 8px; font-size: 14px; }
-td.test { font-family: ui-monospace, "SFMono-Regular", Menlo, Consolas, monospace; font-size: 12.5px;
-  white-space: nowrap; }
+td.test { font-family: ui-monospace, "SFMono-Regular", Menlo, Consolas, monospace; font-size: 12px;
+  max-width: 260px; overflow-wrap: anywhere; }  /* wraps: the parameters at the end must stay visible */
+table.matrix td { padding: 2px 4px; }
 td.test { position: sticky; left: 0; background: #fff; z-index: 1; }
 thead th.test { left: 0; z-index: 3; }
 tr.jobrow td.test { font-style: italic; color: #4e342e; }
@@ -389,7 +477,7 @@ span.cell { display: inline-block; border-radius: 4px; }
 .cell.infra, .cell.timeout { color: var(--infra); background: var(--infra-bg); }
 .cell.none { color: #bbb; font-weight: 400; background: #fff; }
 td.cell.sim { outline: 1px dashed rgba(0,0,0,.35); outline-offset: -3px; }
-.cell .d { display: block; font-size: 11px; font-weight: 400; max-width: 150px; overflow: hidden;
+.cell .d { display: block; font-size: 11px; font-weight: 400; max-width: 100px; overflow: hidden;
   text-overflow: ellipsis; margin: 0 auto; }
 tbody tr:hover td { filter: brightness(0.96); }
 """
@@ -415,7 +503,18 @@ def _render_html(m: Matrix) -> str:
         parts.append(f'<span class="item"><span class="cell {word}">{word}</span>{_esc(desc)}</span>')
     parts.append('<span class="item">cells show worst outcome and count/total; hover a cell for '
                  'hosts, messages, errata and skip reasons</span></div>')
-    parts.append('<table class="matrix" id="matrix"><thead><tr><th class="test">test</th>')
+    parts.append('<table class="matrix" id="matrix"><thead><tr class="vendors"><th class="test" rowspan="2">'
+                 'test</th>')
+    groups: list[list[Column]] = []
+    for c in m.columns:  # columns are sorted by vendor: consecutive runs form the groups
+        if groups and groups[-1][0].vendor == c.vendor:
+            groups[-1].append(c)
+        else:
+            groups.append([c])
+    for g in groups:
+        parts.append(f'<th class="vendor v-{_esc(g[0].vendor)}" colspan="{len(g)}" data-vendor="{_esc(g[0].vendor)}">'
+                     f'{_esc(_vendor_label(g[0].vendor))}</th>')
+    parts.append("</tr><tr>")
     for c in m.columns:
         cls = "col sim" if c.simulated else "col"
         tag = ' <span class="simtag">sim</span>' if c.simulated else ""
@@ -429,6 +528,13 @@ def _render_html(m: Matrix) -> str:
             f'</span><span class="hosts">{n} host{"s" if n != 1 else ""}</span></th>')
     parts.append("</tr></thead><tbody>")
     ncols = len(m.columns) + 1
+    parts.append(f'<tr class="suite"><th colspan="{ncols}">per column: does it work on this CPU?</th></tr>')
+    for label, values in _verdict_rows(m):
+        parts.append(f'<tr class="verdict" data-row="{_esc(label)}"><td class="test">{_esc(label)}</td>')
+        for c, (text, cls, hover) in zip(m.columns, values, strict=True):
+            parts.append(f'<td class="cell {cls}" data-col="{_esc(c.key)}" title="{_esc(hover)}">'
+                         + "<br>".join(_esc(x) for x in text.split(" · ")) + "</td>")
+        parts.append("</tr>")
     for suite in m.suites:
         parts.append(f'<tr class="suite"><th colspan="{ncols}">{_esc(suite)}</th></tr>')
         for r in m.rows:

@@ -21,6 +21,8 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 # Test outcomes (contracts §5) and job statuses.
@@ -130,6 +132,31 @@ def job_cpu(job: Mapping[str, Any]) -> CpuId:
         errata=errata,
         known=known,
     )
+
+
+_VENDOR_ORDER = {"intel": 0, "amd": 1}
+_MICROARCH_TABLE = Path(__file__).resolve().parents[2] / "inventory" / "microarch.yaml"
+
+
+@lru_cache(maxsize=1)
+def _generation_rank() -> dict[str, int]:
+    """uarch id -> its position in inventory/microarch.yaml, which lists each vendor's parts oldest first."""
+    import yaml
+
+    try:
+        rows = yaml.safe_load(_MICROARCH_TABLE.read_text()) or []
+    except (OSError, yaml.YAMLError):
+        return {}
+    return {str(r["id"]): i for i, r in enumerate(rows) if isinstance(r, dict) and r.get("id")}
+
+
+def cpu_order(cpu: CpuId) -> tuple:
+    """One order for every report's columns (matrix, summary): vendor (Intel, AMD, others), generation as
+    the microarchitecture table lists it, family/model for parts the table lacks, real before simulated,
+    hosts that never answered last."""
+    rank = _generation_rank().get(cpu.uarch, len(_generation_rank()))
+    return (cpu.vendor == "unknown", _VENDOR_ORDER.get(cpu.vendor, 9), cpu.vendor, rank, cpu.family or 0,
+            cpu.model or 0, cpu.uarch, cpu.simulated)
 
 
 def junit_filename(cpu: CpuId) -> str:

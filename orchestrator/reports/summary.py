@@ -28,6 +28,7 @@ from .naming import (
     SKIPPED,
     XFAILED,
     XPASSED,
+    cpu_order,
     cpuid_label,
     first_line,
     job_cause,
@@ -109,10 +110,9 @@ def render_summary(run: Mapping[str, Any], jobs: Iterable[Mapping[str, Any]],
     per: dict[str, dict[str, Any]] = {}
     for job in jobs:
         cpu = job_cpu(job)
+        # Same column order as the matrix (naming.cpu_order): vendor, then generation.
         row = per.setdefault(cpu.column_key, {"label": cpu.label, "hosts": set(), "models": set(),
-                                              "sort": (cpu.vendor == "unknown", cpu.simulated, cpu.vendor,
-                                                       cpu.family or 0, cpu.model or 0, cpu.uarch),
-                                              **{k: 0 for k in COUNT_COLS}})
+                                              "sort": cpu_order(cpu), **{k: 0 for k in COUNT_COLS}})
         row["hosts"].add(job.get("host"))
         if cpu.family is not None and cpu.model is not None:
             row["models"].add(cpuid_label(cpu.family, cpu.model))
