@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from agent.drivers.kvm import NATIVE_DIR, KvmDriver
-from agent.protocol import PROBES
+from agent.protocol import GUEST_PMU_PARAMS, PROBES
 
 ASAN_BINARY = NATIVE_DIR / "build-asan" / "vpmu"
 PMU_PROBES = [name for name, spec in PROBES.items() if spec.needs_pmu]
@@ -270,3 +270,158 @@ def test_kvm_driver_maps_bad_binaries_to_error(tmp_path: Path, script: str, need
 def test_kvm_driver_missing_binary(tmp_path: Path) -> None:
     result = KvmDriver({}, binary=tmp_path / "absent").run("selftest")
     assert result.status == "error" and "cannot run" in result.reason
+
+
+# -- guest PMU shaping (issue 14): CPUID set the way the selftests set it, read back in the guest --
+# pmu_counters_test.c pmu_vm_create_with_one_vcpu() sets the PMU version and counter counts in the
+# guest CPUID and PERF_CAPABILITIES from the host before KVM_RUN; the harness does the same, and the
+# pmu_enum probe reads the guest's own CPUID.  Intel layouts are exercised through the emulated PMU
+# (helper E's lib/epmu.c: real KVM, real guest CPUID, PMU emulated in the VMM), AMD on this KVM too.
+
+EMULATED_INTEL = ("--pmu", "emulated:intel")
+EMULATED_AMD = ("--pmu", "emulated:amd")
+
+
+def run_probe(binary: Path, probe: str, *args: str, pmu: tuple[str, ...] = ()) -> dict[str, Any]:
+    """One probe under ASan; the PMU-less real KVM needs PMUFARM_VPMU_FORCE to run the body."""
+    env = {} if pmu else {"PMUFARM_VPMU_FORCE": "1"}
+    rc, result, _ = run(binary, *pmu, "run", probe, *args, env=env)
+    assert result["status"] == "ok", result["reason"]
+    assert rc == 0
+    return result["observations"]
+
+
+def test_every_catalogue_parameter_is_known_to_the_harness(vpmu: Path) -> None:
+    for name, spec in PROBES.items():
+        rc, result, _ = run(vpmu, "run", name, "no_such_parameter=1")
+        assert rc == 1 and result["status"] == "error"
+        known = result["reason"].split("(known: ", 1)[1]
+        for key in spec.params:
+            assert key in known, (name, key)
+        assert set(GUEST_PMU_PARAMS) <= set(spec.params) or not spec.needs_pmu
+
+
+@pytest.mark.parametrize(("args", "leaf"), [
+    # version | gp << 8 | width << 16 | EBX length << 24, EBX, ECX = v5 fixed bitmap, EDX = fixed | width << 5
+    (("pmu_version=5", "gp_counters=3", "gp_width=40", "fixed_counters=1", "fixed_bitmap=4"),
+     {"version": 5, "gp": 3, "width": 40, "fixed": 1, "bitmap": 4}),
+    (("pmu_version=2", "gp_counters=0", "fixed_counters=2"), {"version": 2, "gp": 0, "fixed": 2, "bitmap": 0}),
+    (("pmu_version=0",), {"version": 0, "gp": 0, "width": 0, "fixed": 0, "bitmap": 0}),
+])
+def test_intel_guest_cpuid_is_what_the_harness_set(vpmu: Path, args: tuple[str, ...],
+                                                    leaf: dict[str, int]) -> None:
+    obs = run_probe(vpmu, "pmu_enum", *args, pmu=EMULATED_INTEL)
+    eax, _ebx, ecx, edx = obs["cpuid"]["0xa"]
+    assert eax & 0xff == leaf["version"]
+    assert eax >> 8 & 0xff == leaf["gp"]
+    if "width" in leaf:
+        assert eax >> 16 & 0xff == leaf["width"]
+    assert edx & 0x1f == leaf["fixed"]
+    assert ecx == leaf["bitmap"]
+    # The guest decodes its CPUID into exactly the PMU the harness reports it gave the guest.
+    guest = {k: v for k, v in obs["guest_pmu"].items() if k != "perf_capabilities"}
+    assert {k: v for k, v in obs["decoded"].items() if k != "perf_capabilities"} == guest
+
+
+def test_intel_perf_capabilities_set_by_the_host_before_run(vpmu: Path) -> None:
+    obs = run_probe(vpmu, "pmu_enum", "perf_capabilities=0", pmu=EMULATED_INTEL)
+    caps = obs["perf_capabilities"]
+    assert obs["guest_pmu"]["perf_capabilities"] == 0
+    assert caps["host_before_run"] == 0
+    assert caps["guest_rdmsr"]["vector"] is None and caps["guest_rdmsr"]["value"] == 0
+
+
+@pytest.mark.parametrize("pmu", [(), EMULATED_AMD], ids=["this-kvm", "emulated-amd"])
+def test_amd_guest_cpuid_is_what_the_harness_set(vpmu: Path, caps: dict[str, Any], pmu: tuple[str, ...]) -> None:
+    if not pmu and caps["vendor"] != "amd":
+        pytest.skip(f"this host's vendor is {caps['vendor']}: AMD CPUID leaves need the emulated AMD PMU")
+    if not pmu:
+        require_no_pmu(caps)
+    v2 = run_probe(vpmu, "pmu_enum", "pmu_version=2", "gp_counters=3", pmu=pmu)["cpuid"]
+    assert v2["0x80000001"][2] >> 23 & 1 == 1                     # PerfCtrExtCore
+    assert v2["0x80000022"][0] & 1 == 1 and v2["0x80000022"][1] & 0xf == 3
+    v1 = run_probe(vpmu, "pmu_enum", "pmu_version=1", pmu=pmu)["cpuid"]
+    assert v1["0x80000001"][2] >> 23 & 1 == 1
+    assert v1["0x80000022"] is None or v1["0x80000022"][0] & 1 == 0
+    v0 = run_probe(vpmu, "pmu_enum", "pmu_version=0", pmu=pmu)
+    assert v0["cpuid"]["0x80000001"][2] >> 23 & 1 == 0
+    assert v0["decoded"]["version"] == 0 and v0["decoded"]["gp_counters"] == 0
+
+
+@pytest.mark.parametrize("pmu", [(), EMULATED_INTEL], ids=["this-kvm", "emulated-intel"])
+def test_pmu_disabled_vm_gets_cpuid_without_a_pmu(vpmu: Path, caps: dict[str, Any], pmu: tuple[str, ...]) -> None:
+    """KVM never edits CPUID for KVM_PMU_CAP_DISABLE (api.rst): the VMM must (finding 3)."""
+    if not pmu:
+        require_no_pmu(caps)
+    obs = run_probe(vpmu, "pmu_disabled", pmu=pmu)
+    assert obs["guest_pmu_version"] == 0
+    assert obs["guest_gp_counters"] == 0
+    assert obs["counter_access_vector"] == 13
+
+
+def test_intel_version_defaults_to_what_the_probe_needs(vpmu: Path) -> None:
+    # KVM reports v2; GLOBAL_STATUS_SET needs v4 (kvm_pmu_is_valid_msr: version > 3).
+    assert run_probe(vpmu, "global_ctrl", pmu=EMULATED_INTEL)["guest_pmu"]["version"] == 2
+    assert run_probe(vpmu, "overflow_status", pmu=EMULATED_INTEL)["guest_pmu"]["version"] == 4
+    assert run_probe(vpmu, "overflow_status", "pmu_version=3", pmu=EMULATED_INTEL)["guest_pmu"]["version"] == 3
+
+
+@pytest.mark.parametrize(("pmu", "args", "expect"), [
+    # kvm_need_any_pmc_intercept(): guest counts == host counts -> passthrough (AMD Zen default)
+    (EMULATED_AMD, (), ("passthrough", "passthrough")),
+    (EMULATED_AMD, ("gp_counters=3",), ("intercepted", "intercepted")),
+    # The emulated Intel host has 4 fixed counters, KVM exposes 3 (finding 11): intercepted.
+    (EMULATED_INTEL, (), ("intercepted", "intercepted")),
+], ids=["amd-default", "amd-hidden-counters", "intel-fc3"])
+def test_kvm_path_derived_from_kvm_rule(vpmu: Path, pmu: tuple[str, ...], args: tuple[str, ...],
+                                        expect: tuple[str, str]) -> None:
+    path = run_probe(vpmu, "guest_count", "iterations=5", *args, pmu=pmu)["kvm_path"]
+    assert path["how"] == "derived"
+    assert (path["global_ctrl"], path["rdpmc"]) == expect
+    inputs = path["inputs"]
+    same = inputs["guest_gp"] == inputs["host_gp"] and inputs["guest_fixed"] == inputs["host_fixed"]
+    assert (path["global_ctrl"] == "passthrough") == (same and inputs["mediated"] and inputs["guest_global_ctrl"])
+
+
+def test_kvm_path_without_mediated_pmu_is_intercepted(vpmu: Path, caps: dict[str, Any]) -> None:
+    require_no_pmu(caps)
+    obs = run_probe(vpmu, "guest_count", "iterations=5")
+    assert obs["kvm_path"]["inputs"]["mediated"] is False
+    assert obs["kvm_path"]["global_ctrl"] == obs["kvm_path"]["rdpmc"] == "intercepted"
+    assert obs["workload"]["global_ctrl_exits"] == 1
+
+
+@pytest.mark.parametrize(("pmu", "args", "needle"), [
+    ((), ("gp_counters=99",), "gp_counters"),
+    ((), ("pmu_version=-5",), "pmu_version"),
+    (EMULATED_AMD, ("fixed_counters=1",), "fixed"),
+    (EMULATED_AMD, ("pmu_version=3",), "pmu_version"),
+    (EMULATED_AMD, ("perf_capabilities=0",), "perf_capabilities"),
+])
+def test_bad_shaping_names_the_field(vpmu: Path, pmu: tuple[str, ...], args: tuple[str, ...], needle: str) -> None:
+    rc, result, _ = run(vpmu, *pmu, "run", "pmu_enum", *args, env={"PMUFARM_VPMU_FORCE": "1"})
+    assert rc == 1 and result["status"] == "error"
+    assert needle in result["reason"] and "\n" not in result["reason"]
+
+
+def test_unexposed_rdpmc_uses_index_64(vpmu: Path, caps: dict[str, Any]) -> None:
+    """kvm-unit-tests rdpmc_safe(64), never #counters (Zen: RDPMC 6 is a data-fabric counter)."""
+    require_no_pmu(caps)
+    obs = run_probe(vpmu, "unexposed")
+    assert [a["target"] for a in obs["accesses"] if a["op"] == "rdpmc" and a["target"] < (1 << 30)] == [64]
+
+
+def test_hidden_counters_cover_every_defined_counter(vpmu: Path) -> None:
+    obs = run_probe(vpmu, "hidden_counters", "gp_counters=2", pmu=EMULATED_INTEL)
+    assert obs["gp_counters"] == 2 and obs["possible"] == 8
+    assert [c["exposed"] for c in obs["counters"]] == [True, True] + [False] * 6
+    assert obs["global_ctrl_reset"] == 0b11     # GENMASK(n-1, 0): pmu_counters_test guest_test_gp_counters
+
+
+def test_arch_events_llc_over_the_clflush_loop(vpmu: Path) -> None:
+    n = 50
+    obs = run_probe(vpmu, "arch_events", f"iterations={n}", pmu=EMULATED_INTEL)
+    assert obs["workload"]["instructions"] == 3 * n + 5
+    assert obs["workload_clflush"]["instructions"] == 5 * n + 5
+    loops = {(e["event"], e["loop"]) for e in obs["gp"]}
+    assert ("llc_references", "clflush") in loops and ("instructions", "plain") in loops
