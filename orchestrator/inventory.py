@@ -123,9 +123,18 @@ def load_file(path: Path) -> list[Host]:
     return hosts
 
 
+TREE = Path(__file__).resolve().parent.parent  # the installed tree (holds inventory/ and suites/)
+
+
 def load_inventory(path: str | Path) -> list[Host]:
-    """A file, or a directory whose ``*.yaml`` host lists are all loaded (tables are skipped)."""
+    """A file, or a directory whose ``*.yaml`` host lists are all loaded (tables are skipped).
+
+    A relative path missing from the current directory is looked up in the installed tree, so
+    ``--inventory inventory/sim.yaml`` (and the default ``inventory/local.yaml``) work from any directory.
+    """
     p = Path(path)
+    if not p.exists() and not p.is_absolute() and (TREE / p).exists():
+        p = TREE / p
     if p.is_dir():
         files = sorted(f for f in p.glob("*.yaml") if f.name not in TABLE_FILES)
         if not files:

@@ -186,3 +186,12 @@ def test_cli_help_lists_lazy_commands_with_their_own_help() -> None:
     imported = {line.split("|")[-1].strip() for line in r.stderr.splitlines()}
     assert not imported & {"orchestrator.gate", "orchestrator.deploy", "orchestrator.broker", "pydantic"}, \
         "--help imported a subcommand's heavy modules"
+
+
+def test_submit_from_another_directory_uses_the_installed_tree(tmp_path: Path, farm_env: dict[str, str]) -> None:
+    """No inventory/ in the current directory: the default inventory/local.yaml comes from the installed tree."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    r = run_cli("--reports-dir", str(tmp_path / "r"), "submit", "suites/smoke", env=farm_env, cwd=elsewhere)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "inventory not found" not in r.stderr and "local smoke: passed" in r.stdout
