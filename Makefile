@@ -1,9 +1,9 @@
 # pmufarm: one entry point for setup, the native harness and the tests.
 PYTHON ?= python3
-APT_PACKAGES ?= chromium cpuid busybox-static qemu-system-x86 openssh-server iproute2 redis-server \
+APT_PACKAGES ?= chromium cpuid busybox-static qemu-system-x86 openssh-server iproute2 redis-server linux-perf \
 	dropbear-bin kexec-tools cpio openssh-sftp-server
 
-.PHONY: setup native test lint bench clean
+.PHONY: setup native test lint bench clean kselftest-tree
 
 setup:
 	$(PYTHON) -m pip install -q -e '.[test]'
@@ -28,6 +28,11 @@ test: setup
 
 bench: setup
 	$(PYTHON) bench/run.py
+
+# Debian's linux-source-6.12, only what the KVM PMU selftests build reads, into ~/.cache/pmufarm (~125 MB;
+# suites/kselftest_kvm and its tests fetch it themselves on first use, so it is not part of setup).
+kselftest-tree:
+	$(PYTHON) -m agent.upstream fetch-linux-source
 
 clean:
 	$(MAKE) -s -C agent/native clean

@@ -30,10 +30,15 @@ def test_pmi_reaches_guest(probe):
 
 
 @MEDIATED
-def test_instructions_exact(probe):
-    """Guest-only counting: exactly the workload's instructions (counters_not_stopped_at_exit breaks it)."""
+@pytest.mark.errata("insn_overcount_on_vm_transition", "vmrun_counted_as_branch")
+def test_instructions_exact(probe, errata):
+    """Guest-only counting: exactly the workload's instructions (counters_not_stopped_at_exit breaks it);
+    a host erratum that bends the count (AMD VMRUN, Intel VM-transition overcount) is an xfail, as in
+    suites/counters."""
     obs = probe("guest_count", iterations=1000).observations
-    assert obs["counts"]["instructions"] == obs["workload"]["instructions"]
+    work = obs["workload"]
+    errata.exact("instructions", obs["counts"]["instructions"], work["instructions"], work["vm_exits"],
+                 "instructions")
 
 
 def test_scripted(facts):
