@@ -1,11 +1,25 @@
 # pmufarm: one entry point for setup, the native harness and the tests.
-PYTHON ?= python3
+# Stock Debian/Ubuntu Python is externally managed (PEP 668): pip refuses to install into it. For such a
+# Python `make setup` makes a venv (.venv) and every target uses its python; run the commands as
+# .venv/bin/orchestrator or after `. .venv/bin/activate`. Any other Python (pyenv, an active venv, conda)
+# is used as it is. PYTHON=... on the command line overrides both.
+BASE_PYTHON ?= python3
+VENV ?= .venv
+ifeq ($(origin PYTHON),undefined)
+PYTHON := $(shell $(BASE_PYTHON) -c 'import os, sys, sysconfig; print("$(VENV)/bin/python" if sys.prefix == sys.base_prefix and os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")) else "$(BASE_PYTHON)")')
+endif
 APT_PACKAGES ?= chromium cpuid busybox-static qemu-system-x86 openssh-server iproute2 redis-server linux-perf \
 	dropbear-bin kexec-tools cpio openssh-sftp-server
 
 .PHONY: setup native test lint bench clean kselftest-tree
 
 setup:
+	@if [ "$(PYTHON)" = "$(VENV)/bin/python" ] && [ ! -x "$(VENV)/bin/python" ]; then \
+	  echo "setup: $(BASE_PYTHON) is externally managed (PEP 668): installing into a venv, $(VENV)"; \
+	  $(BASE_PYTHON) -m venv "$(VENV)" 2>/dev/null || { \
+	    if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null; fi; \
+	    $(BASE_PYTHON) -m venv "$(VENV)"; } || { echo "setup: no venv module: apt-get install python3-venv"; exit 1; }; fi
 	$(PYTHON) -m pip install -q -e '.[test]'
 	@# Debian extras: chromium renders the HTML matrix test, cpuid decodes dumps, busybox + qemu boot the perf
 	@# guest, sshd + iproute2 make the deploy test's hosts. Tests skip naming whatever is missing.
