@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from orchestrator.runner import (
+    EXIT_FAIL,
+    EXIT_INFRA,
     EXIT_INPUT,
     EXIT_OK,
     RunError,
@@ -68,6 +70,21 @@ class LazyGroup(click.Group):
         "gate": ("orchestrator.gate", "gate", "Test a patch series against its base on every selected CPU model; "
                  "exit 0/1/2/3."),
     }
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """A store that cannot be opened or written is one line and exit 3 for every command, never a traceback."""
+        import sqlite3
+
+        from orchestrator.store import StoreError, describe_error
+
+        try:
+            return super().invoke(ctx)
+        except StoreError as exc:
+            fail(EXIT_INFRA, str(exc))
+        except sqlite3.Error as exc:
+            obj = ctx.find_object(Ctx)
+            path = obj.state_dir / "pmufarm.sqlite" if obj else Path("pmufarm.sqlite")
+            fail(EXIT_INFRA, describe_error(path, exc) + " (an unfinished run stays 'running' and resumable)")
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *self.lazy})
@@ -255,7 +272,16 @@ def status(ctx: Ctx, run_id: str | None, wait: bool) -> None:
     for j in jobs:
         counts = ", ".join(f"{n} {k}" for k, n in sorted(_counts(j["tests"]).items()))
         click.echo(f"  {j['host']:<20} {j['suite']:<12} attempt {j['attempt']}  {j['status']:<11} {counts}")
-    sys.exit(job_exit_code([j for j in jobs if j["suite"] != "health"]) if run["status"] == "done" else EXIT_OK)
+    sys.exit(status_exit_code(run["status"], [j for j in jobs if j["suite"] != "health"]))
+
+
+def status_exit_code(run_status: str, jobs: list[dict[str, Any]]) -> int:
+    """`status` exits as `submit` did: a finished run by its jobs; an interrupted or broken one is never 0
+    (it found failures: 1, else 3); a run still going is 0 (`--no-wait` printed its id with 0 too)."""
+    if run_status == "running":
+        return EXIT_OK
+    code = job_exit_code(jobs)
+    return code if run_status == "done" or code == EXIT_FAIL else EXIT_INFRA
 
 
 def _counts(tests: list[dict[str, Any]]) -> dict[str, int]:

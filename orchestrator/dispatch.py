@@ -19,6 +19,7 @@ from typing import Any
 import redis
 from celery import Celery
 from celery.result import AsyncResult
+from kombu.utils.uuid import uuid
 
 from agent.celery_app import RUN_SUITE, host_queue
 from agent.heartbeat import broker_time, read_state, redis_from_url, request_stop
@@ -64,12 +65,16 @@ class Dispatcher:
     # sending ----------------------------------------------------------------------------------------
     def send(self, host: Host, suite: str, attempt: int = 1, only: list[str] | None = None,
              job_id: int | None = None) -> Pending:
+        # The task id is stored before the message leaves: an orchestrator dying in between leaves a job
+        # `status --wait` can follow (or send), never one whose task nobody can name.
+        task_id = uuid()
         if job_id is None:
-            job_id = self.store.add_job(self.run_id, host.entry(), suite, attempt)
+            job_id = self.store.add_job(self.run_id, host.entry(), suite, attempt, task_id)
+        else:
+            self.store.set_task(job_id, task_id)
         res = self.app.send_task(RUN_SUITE, kwargs={"host": host.entry(), "suite": suite, "run_id": self.run_id,
                                                     "attempt": attempt, "timeout": self.timeout, "only": only},
-                                 queue=host_queue(host.name), expires=self.expires)
-        self.store.set_task(job_id, res.id)
+                                 queue=host_queue(host.name), expires=self.expires, task_id=task_id)
         p = Pending(job_id, host, suite, attempt, res, time.monotonic(), only)
         self.pending.append(p)
         return p

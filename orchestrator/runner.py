@@ -197,8 +197,13 @@ def resume_run(store: Store, run_id: str, wait: bool, opts: RunOptions | None = 
     app = client_app(broker)
     d = dispatch.Dispatcher(app, store, run_id, opts.timeout, opts.expires)
     for j in open_jobs:
+        host = Host.model_validate(j["host_entry"])
+        if not j["task_id"]:
+            # Saved by an older orchestrator that died before naming the task: it never ran under a known id.
+            d.send(host, j["suite"], j["attempt"], job_id=j["id"])
+            continue
         # Unknown queue age after a restart: the expiry window starts again now.
-        p = dispatch.Pending(j["id"], Host.model_validate(j["host_entry"]), j["suite"], j["attempt"],
+        p = dispatch.Pending(j["id"], host, j["suite"], j["attempt"],
                              AsyncResult(j["task_id"], app=app), time.monotonic())
         if j["status"] == "running":
             p.status, p.started_at = "running", p.queued_at

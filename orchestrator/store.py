@@ -6,6 +6,7 @@ Every write of a job's results is one transaction, so a crash never leaves half 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,6 +43,25 @@ RESULT_KEYS = ("nodeid", "suite", "name", "classname", "outcome", "duration", "m
 RESULT_COLUMNS = {"details": "TEXT", "subject": "INTEGER"}
 
 
+class StoreError(RuntimeError):
+    """The store cannot be opened or written: one line naming the file; the CLI exits 3 (infrastructure)."""
+
+
+def describe_error(path: Path, exc: BaseException) -> str:
+    """One line for a SQLite/OS failure of the store, with what to do about it."""
+    text = str(exc) or type(exc).__name__
+    writable = os.access(path.parent, os.W_OK) and (not path.exists() or os.access(path, os.W_OK))
+    if "readonly" in text or "read-only" in text or isinstance(exc, PermissionError) or not writable:
+        hint = "the store is read-only: make it writable (or point --state-dir elsewhere)"
+    elif "full" in text or getattr(exc, "errno", None) == 28:
+        hint = "the disk is full: free space, then `orchestrator status RUN --wait` takes an unfinished run up"
+    elif "not a database" in text or "malformed" in text:
+        hint = "the store is corrupted: restore it from a backup or move it aside to start a new one"
+    else:
+        hint = "check the file and its directory"
+    return f"store {path}: {text}; {hint}"
+
+
 def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -49,7 +69,18 @@ def now() -> str:
 class Store:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        try:
+            self._open()
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(describe_error(self.path, exc)) from None
+
+    def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        wal = self.path.with_name(self.path.name + "-wal")
+        if self.path.exists() and self.path.stat().st_size == 0 and not (wal.exists() and wal.stat().st_size):
+            # SQLite would take it for a new database and the history would be gone without a word.
+            raise StoreError(f"store {self.path} is empty (0 bytes; truncated by a crash or a full disk?): "
+                             "restore it from a backup, or move it aside to start a new store")
         self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -107,11 +138,13 @@ class Store:
         return d
 
     # jobs -------------------------------------------------------------------------------------------
-    def add_job(self, run_id: str, host: dict[str, Any], suite: str, attempt: int = 1) -> int:
+    def add_job(self, run_id: str, host: dict[str, Any], suite: str, attempt: int = 1,
+                task_id: str | None = None) -> int:
+        """A queued job; with ``task_id`` (chosen before sending) a crash can never leave a sent job untracked."""
         with self.tx() as db:
-            cur = db.execute("INSERT INTO jobs(run_id, host, suite, attempt, status, host_entry, queued) "
-                             "VALUES (?,?,?,?,?,?,?)",
-                             (run_id, host["name"], suite, attempt, "queued", json.dumps(host), now()))
+            cur = db.execute("INSERT INTO jobs(run_id, host, suite, attempt, status, host_entry, queued, task_id) "
+                             "VALUES (?,?,?,?,?,?,?,?)",
+                             (run_id, host["name"], suite, attempt, "queued", json.dumps(host), now(), task_id))
             return int(cur.lastrowid or 0)
 
     def set_task(self, job_id: int, task_id: str) -> None:
