@@ -240,9 +240,14 @@ def _write_and_summarise(ctx: Ctx, run_id: str) -> int:
 
 @main.command()
 @click.option("--limit", default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON list instead of the table.")
 @click.pass_obj
-def runs(ctx: Ctx, limit: int) -> None:
+def runs(ctx: Ctx, limit: int, as_json: bool) -> None:
     """List recent runs."""
+    if as_json:
+        click.echo(json.dumps([{**r, "counts": ctx.store.counts(r["id"])} for r in ctx.store.runs(limit)],
+                              indent=2, default=str))
+        return
     for r in ctx.store.runs(limit):
         counts = ctx.store.counts(r["id"])
         click.echo(f"{r['id']}  {r['status']:<11} {','.join(r['suites']):<24} "
@@ -252,8 +257,9 @@ def runs(ctx: Ctx, limit: int) -> None:
 @main.command()
 @click.argument("run_id", required=False)
 @click.option("--wait", is_flag=True, help="Follow an unfinished run to its end (after an orchestrator restart).")
+@click.option("--json", "as_json", is_flag=True, help="The run and its jobs as JSON instead of the table.")
 @click.pass_obj
-def status(ctx: Ctx, run_id: str | None, wait: bool) -> None:
+def status(ctx: Ctx, run_id: str | None, wait: bool, as_json: bool) -> None:
     """Show a run's jobs (default: the latest run); picks an unfinished run up again from the store."""
     run_id = run_id or ctx.store.latest_run_id()
     run = ctx.store.run(run_id) if run_id else None
@@ -267,9 +273,17 @@ def status(ctx: Ctx, run_id: str | None, wait: bool) -> None:
         except RunError as exc:
             fail(exc.code, str(exc))
         run = ctx.store.run(run_id) or run
-    click.echo(f"run {run['id']} ({run['status']}), suites {', '.join(run['suites'])}")
     jobs = ctx.store.jobs(run["id"])
-    for j in jobs:
+    if as_json:
+        from orchestrator.reports.naming import not_tested_reason
+
+        click.echo(json.dumps({**run, "jobs": [
+            {k: j.get(k) for k in ("host", "suite", "attempt", "status", "started", "finished", "exit_code")}
+            | {"counts": _counts(j["tests"]), "not_tested": not_tested_reason(j)} for j in jobs]},
+            indent=2, default=str))
+    else:
+        click.echo(f"run {run['id']} ({run['status']}), suites {', '.join(run['suites'])}")
+    for j in [] if as_json else jobs:
         counts = ", ".join(f"{n} {k}" for k, n in sorted(_counts(j["tests"]).items()))
         click.echo(f"  {j['host']:<20} {j['suite']:<12} attempt {j['attempt']}  {j['status']:<11} {counts}")
     sys.exit(status_exit_code(run["status"], [j for j in jobs if j["suite"] != "health"]))
@@ -426,15 +440,17 @@ def matrix(ctx: Ctx, run_id: str | None, kernel: str | None, suite: str | None, 
 @click.option("--suite", "suites", multiple=True, help="Suite(s) to check (default: all).")
 @click.option("--uarch", "uarchs", multiple=True, help="Simulated uarch(es) (default: all of sim.yaml).")
 @click.option("--fault", "faults", multiple=True, help="Fault id(s) (default: the whole catalogue).")
+@click.option("--json", "as_json", is_flag=True, help="The full result as JSON instead of the table.")
 @click.pass_obj
-def sensitivity(ctx: Ctx, suites: tuple[str, ...], uarchs: tuple[str, ...], faults: tuple[str, ...]) -> None:
+def sensitivity(ctx: Ctx, suites: tuple[str, ...], uarchs: tuple[str, ...], faults: tuple[str, ...],
+                as_json: bool) -> None:
     """Inject every fault into simulated hosts; show which tests catch it (non-zero if one is missed)."""
     from orchestrator.sensitivity import exit_code, render_table, run_sensitivity
 
     names = _check_suites(suites) if suites else []
     work = ctx.state_dir / "sensitivity"
     result = run_sensitivity(names or None, list(uarchs) or None, list(faults) or None, work)
-    click.echo(render_table(result))
+    click.echo(json.dumps(result, indent=2, default=str) if as_json else render_table(result))
     sys.exit(exit_code(result))
 
 

@@ -154,6 +154,15 @@ def test_only_harness_ran_is_not_tested_exit_4(tmp_path: Path, farm_env: dict[st
     assert summary.startswith(f"# pmufarm run {run_id}: NOT TESTED")
     junit = "".join(p.read_text() for p in (tmp_path / "r" / run_id / "junit").glob("*.xml"))
     assert '<property name="tested" value="false"' in junit and "not_tested_reason" in junit
+    # --json on the commands that print tables.
+    import json
+
+    st = run_cli("status", "--json", env=farm_env)
+    assert st.returncode == 4, st.stderr
+    jobs = {j["suite"]: j for j in json.loads(st.stdout)["jobs"]}
+    assert jobs["untested"]["not_tested"] and jobs["untested"]["counts"] == {"passed": 1, "skipped": 1}
+    listed = json.loads(run_cli("runs", "--json", env=farm_env).stdout)
+    assert [r["id"] for r in listed] == [run_id] and listed[0]["counts"]["skipped"] == 1
 
 
 def test_two_local_submits_at_once_both_finish(tmp_path: Path, farm_env: dict[str, str]) -> None:
