@@ -63,11 +63,14 @@ EINVAL, E2BIG, EBUSY, EOPNOTSUPP = 22, 7, 16, 95
 
 # Observation shapes shared by several probes.
 WORKLOAD = ('"workload": {"iterations": N, "instructions": I, "branches": B, "vm_exits": E, '
-            '"global_ctrl_exits": 0|1, "loop": "plain"|"exit_each"|"clflush"} -- '
+            '"global_ctrl_exits": 0|1, "loop": "plain"|"exit_each"|"clflush", "kvm_exits": n or null} -- '
             "instructions/branches retired by the measured guest code by construction; vm_exits = "
             "VM round trips inside the counting window: the forced exits plus global_ctrl_exits, which is 1 "
             "when kvm_path.global_ctrl is intercepted (the enabling WRMSR's VM-entry and the disabling "
-            "WRMSR's VM-exit fall inside the window; finding 12)")
+            "WRMSR's VM-exit fall inside the window; finding 12); kvm_exits = KVM's own count of the vCPU's "
+            "VM-exits (KVM_GET_STATS_FD \"exits\") over a batch holding only the measured loop -- in-kernel exits "
+            "(host interrupts, NMIs, intercepted MSRs) included, plus that batch's closing PORT_DONE exit; null "
+            "where not measured (guest_count and event_filter measure it) or KVM has no binary stats")
 WORKLOAD_CLFLUSH = ("the clflush loop (pmu_counters_test.c GUEST_MEASURE_EVENT: flush the line each "
                     "iteration to force LLC references and misses) per iteration: CLFLUSH, MFENCE, MOV load, "
                     "DEC, JNZ = 5 instructions, 1 branch; same 5 extra instructions")

@@ -425,3 +425,12 @@ def test_arch_events_llc_over_the_clflush_loop(vpmu: Path) -> None:
     assert obs["workload_clflush"]["instructions"] == 5 * n + 5
     loops = {(e["event"], e["loop"]) for e in obs["gp"]}
     assert ("llc_references", "clflush") in loops and ("instructions", "plain") in loops
+
+
+def test_kvm_exit_count_covers_every_exit_userspace_saw(vpmu: Path) -> None:
+    """KVM_GET_STATS_FD "exits" counts in-kernel exits too (finding 4: userspace sees only its own)."""
+    obs = run_probe(vpmu, "guest_count", "iterations=40", pmu=EMULATED_AMD)
+    work = obs["workload"]
+    ticks = work["vm_exits"] - work["global_ctrl_exits"]
+    assert ticks == 40
+    assert work["kvm_exits"] is not None and work["kvm_exits"] >= ticks + 1   # + the batch's PORT_DONE

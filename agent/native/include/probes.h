@@ -99,7 +99,20 @@ void json_access(struct json *j, const char *key, const char *op, uint32_t targe
 void json_exceptions(struct json *j, const struct vcpu *v);
 /* The measured loop's contract (include/guest_abi.h); exits = forced exits seen by the host. */
 enum loop_kind { LOOP_PLAIN, LOOP_EXIT_EACH, LOOP_CLFLUSH };
-void json_workload(struct probe_ctx *c, const char *key, enum loop_kind k, uint64_t n, uint64_t exits);
+void json_workload(struct probe_ctx *c, const char *key, enum loop_kind k, uint64_t n, uint64_t exits,
+		   int64_t kvm_exits);
+/*
+ * KVM's own count of this vCPU's VM-exits (KVM_GET_STATS_FD, stat "exits"): in-kernel exits
+ * (host interrupts, NMIs, intercepted MSRs) included, which userspace never sees.  -1 unknown.
+ */
+int64_t vcpu_kvm_exits(struct vcpu *v);
+/*
+ * Run the batch built so far (the setup), then a batch holding only the measured loop, with
+ * KVM's exit count taken around it (*kvm_exits, -1 unknown).  The caller then begins a new batch
+ * for the reads.  0, or -1 with the VM's error.
+ */
+int run_measured(struct probe_ctx *c, struct vcpu *v, uint64_t enable_mask, uint64_t n, enum loop_kind k,
+		 struct run_stats *st, int64_t *kvm_exits);
 /* Whether kvm_path.global_ctrl is "intercepted" (KVM's rule, derived). */
 bool probe_global_ctrl_intercepted(const struct probe_ctx *c);
 uint64_t now_ns(void);

@@ -7,6 +7,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/ioctl.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
@@ -313,7 +314,8 @@ void json_exceptions(struct json *j, const struct vcpu *v)
 	json_arr_end(j);
 }
 
-void json_workload(struct probe_ctx *c, const char *key, enum loop_kind k, uint64_t n, uint64_t exits)
+void json_workload(struct probe_ctx *c, const char *key, enum loop_kind k, uint64_t n, uint64_t exits,
+		   int64_t kvm_exits)
 {
 	static const char *const names[] = { "plain", "exit_each", "clflush" };
 	uint64_t per_iter = k == LOOP_CLFLUSH ? MEASURE_CLFLUSH_INSNS_PER_ITER : MEASURE_INSNS_PER_ITER;
@@ -328,6 +330,7 @@ void json_workload(struct probe_ctx *c, const char *key, enum loop_kind k, uint6
 	json_u64(j, "vm_exits", exits + msr_exits);
 	json_u64(j, "global_ctrl_exits", msr_exits);
 	json_str(j, "loop", names[k]);
+	json_opt_i64(j, "kvm_exits", kvm_exits);
 	json_obj_end(j);
 }
 
@@ -649,4 +652,56 @@ void json_reading(struct json *j, const char *key, struct reading r)
 		json_u64(j, key, r.value);
 	else
 		json_null(j, key);
+}
+
+int64_t vcpu_kvm_exits(struct vcpu *v)
+{
+	struct kvm_stats_header h;
+	int64_t ret = -1;
+	int fd = ioctl(v->fd, KVM_GET_STATS_FD, NULL);
+	char *descs = NULL;
+	size_t dsz;
+
+	if (fd < 0)
+		return -1;
+	if (pread(fd, &h, sizeof(h), 0) != (ssize_t)sizeof(h))
+		goto out;
+	dsz = sizeof(struct kvm_stats_desc) + h.name_size;
+	descs = calloc(h.num_desc, dsz);
+	if (!descs || pread(fd, descs, h.num_desc * dsz, h.desc_offset) != (ssize_t)(h.num_desc * dsz))
+		goto out;
+	for (uint32_t i = 0; i < h.num_desc; i++) {
+		struct kvm_stats_desc *d = (struct kvm_stats_desc *)(descs + i * dsz);
+		uint64_t val;
+
+		if (strncmp(d->name, "exits", h.name_size) || d->size < 1)
+			continue;
+		if (pread(fd, &val, sizeof(val), h.data_offset + d->offset) == (ssize_t)sizeof(val))
+			ret = (int64_t)val;
+		break;
+	}
+out:
+	free(descs);
+	close(fd);
+	return ret;
+}
+
+int run_measured(struct probe_ctx *c, struct vcpu *v, uint64_t enable_mask, uint64_t n, enum loop_kind k,
+		 struct run_stats *st, int64_t *kvm_exits)
+{
+	int64_t before, after;
+
+	*kvm_exits = -1;
+	if (batch_run(v, NULL))
+		return -1;
+	batch_begin(v);
+	g_measure_loop(c, v, enable_mask, n, k);
+	before = vcpu_kvm_exits(v);
+	if (batch_run(v, st))
+		return -1;
+	after = vcpu_kvm_exits(v);
+	if (before >= 0 && after >= before)
+		*kvm_exits = after - before;
+	batch_begin(v);
+	return 0;
 }

@@ -56,9 +56,9 @@ enum probe_status probe_arch_events(struct probe_ctx *c)
 		return ret;
 	if (start(c, &vm, &v))
 		return PROBE_ERROR;
-	json_workload(c, "workload", LOOP_PLAIN, n, 0);
+	json_workload(c, "workload", LOOP_PLAIN, n, 0, -1);
 	if (clflush)
-		json_workload(c, "workload_clflush", LOOP_CLFLUSH, n, 0);
+		json_workload(c, "workload_clflush", LOOP_CLFLUSH, n, 0, -1);
 	else
 		json_null(c->obs, "workload_clflush");
 	json_arr_begin(c->obs, "gp");
@@ -425,7 +425,7 @@ enum probe_status probe_fixed_counters(struct probe_ctx *c)
 	json_i64(c->obs, "fixed_counters", p->fixed_contig);
 	json_u64(c->obs, "fixed_bitmap", p->fixed_ecx);
 	json_i64(c->obs, "version", p->version);
-	json_workload(c, "workload", LOOP_PLAIN, n, 0);
+	json_workload(c, "workload", LOOP_PLAIN, n, 0, -1);
 	json_arr_begin(c->obs, "counters");
 	for (int i = 0; i < POSSIBLE_FIXED; i++) {
 		uint32_t msr = l->fixed_base + (uint32_t)i;
@@ -521,7 +521,7 @@ enum probe_status probe_counter_freeze(struct probe_ctx *c)
 	g_pmu_quiesce(c, v);
 	if (batch_run(v, NULL))
 		ret = probe_fail(c, "%s", vm.err);
-	json_workload(c, "workload", LOOP_PLAIN, n, 0);
+	json_workload(c, "workload", LOOP_PLAIN, n, 0, -1);
 	json_arr_begin(c->obs, "counters");
 	for (int i = 0; i < nk; i++) {
 		json_obj_begin(c->obs, NULL);
@@ -573,7 +573,7 @@ enum probe_status probe_all_counters(struct probe_ctx *c)
 	g_pmu_quiesce(c, v);
 	if (batch_run(v, NULL))
 		ret = probe_fail(c, "%s", vm.err);
-	json_workload(c, "workload", LOOP_PLAIN, n, 0);
+	json_workload(c, "workload", LOOP_PLAIN, n, 0, -1);
 	for (int fixed = 0; fixed < 2; fixed++) {
 		json_arr_begin(c->obs, fixed ? "fixed" : "gp");
 		for (int i = 0; i < nk; i++) {
@@ -627,7 +627,7 @@ enum probe_status probe_cmask(struct probe_ctx *c)
 	cmask = count_gp0(c, v, sel | 2ULL << EVTSEL_CMASK_SHIFT, n);
 	if (batch_run(v, NULL))
 		ret = probe_fail(c, "%s", vm.err);
-	json_workload(c, "workload", LOOP_PLAIN, n, 0);
+	json_workload(c, "workload", LOOP_PLAIN, n, 0, -1);
 	json_i64(c->obs, "cmask", 2);
 	json_value_or_null(c->obs, "count_plain", plain);
 	json_value_or_null(c->obs, "count_cmask", cmask);
@@ -656,7 +656,7 @@ enum probe_status probe_privilege(struct probe_ctx *c)
 	both = count_gp0(c, v, base | EVTSEL_OS | EVTSEL_USR, n);
 	if (batch_run(v, NULL))
 		ret = probe_fail(c, "%s", vm.err);
-	json_workload(c, "workload", LOOP_PLAIN, n, 0);
+	json_workload(c, "workload", LOOP_PLAIN, n, 0, -1);
 	json_i64(c->obs, "cpl", 0);
 	json_obj_begin(c->obs, "counts");
 	json_value_or_null(c->obs, "usr", usr);
@@ -705,7 +705,7 @@ enum probe_status probe_running_write(struct probe_ctx *c)
 	g_pmu_quiesce(c, v);
 	if (batch_run(v, NULL))
 		ret = probe_fail(c, "%s", vm.err);
-	json_workload(c, "workload", LOOP_PLAIN, n, 0);
+	json_workload(c, "workload", LOOP_PLAIN, n, 0, -1);
 	json_value_or_null(c->obs, "after_write_zero", zero);
 	json_obj_begin(c->obs, "from_minus_one");
 	json_u64(c->obs, "written", minus_one);
@@ -757,7 +757,7 @@ enum probe_status probe_legacy_k7(struct probe_ctx *c)
 	}
 	if (batch_run(v, NULL))
 		ret = probe_fail(c, "%s", vm.err);
-	json_workload(c, "workload", LOOP_PLAIN, n, 0);
+	json_workload(c, "workload", LOOP_PLAIN, n, 0, -1);
 	json_arr_begin(c->obs, "counters");
 	for (int i = 0; i < nk; i++) {
 		char name[32], fname[48];

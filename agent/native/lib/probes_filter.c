@@ -135,7 +135,8 @@ enum probe_status probe_event_filter(struct probe_ctx *c)
 	uint64_t n = (uint64_t)arg_int(c, "iterations");
 	const struct pmu_layout *l = c->l;
 	bool fc0 = l->fixed_base && (c->pmu.fixed_mask & 1);
-	struct guest_cmd *insn, *br, *fix = NULL;
+	struct guest_cmd *insn = NULL, *br = NULL, *fix = NULL;
+	int64_t kvm_exits = -1;
 	enum probe_status ret = probe_need_counters(c, 2);
 	struct run_stats st = { 0 };
 	struct filter f;
@@ -166,19 +167,22 @@ enum probe_status probe_event_filter(struct probe_ctx *c)
 	g_wrmsr(v, pmu_sel_msr(l, 1), pmu_selector(pmu_event(l, "branches"), EVTSEL_EN));
 	if (fc0)
 		g_wrmsr(v, l->fixed_ctrl, FIXED_CTRL_OS | FIXED_CTRL_USR);
-	g_measure(c, v, 0x3 | (fc0 ? 1ULL << 32 : 0), n, true);
-	insn = g_rdmsr(v, pmu_ctr_msr(l, 0));
-	br = g_rdmsr(v, pmu_ctr_msr(l, 1));
-	if (fc0)
-		fix = g_rdmsr(v, l->fixed_base);
-	g_pmu_quiesce(c, v);
-	if (batch_run(v, &st))
+	if (run_measured(c, v, 0x3 | (fc0 ? 1ULL << 32 : 0), n, LOOP_EXIT_EACH, &st, &kvm_exits) == 0) {
+		insn = g_rdmsr(v, pmu_ctr_msr(l, 0));
+		br = g_rdmsr(v, pmu_ctr_msr(l, 1));
+		if (fc0)
+			fix = g_rdmsr(v, l->fixed_base);
+		g_pmu_quiesce(c, v);
+		if (batch_run(v, NULL))
+			insn = br = fix = NULL;
+	}
+	if (!insn)
 		ret = probe_fail(c, "%s", vm.err);
 
 	json_str(c->obs, "case", name);
 	json_i64(c->obs, "set_errno", set_errno);
 	json_filter(c->obs, &f);
-	json_workload(c, "workload", LOOP_EXIT_EACH, n, st.ticks);
+	json_workload(c, "workload", LOOP_EXIT_EACH, n, st.ticks, kvm_exits);
 	json_obj_begin(c->obs, "counts");
 	json_count(c->obs, "instructions", insn);
 	json_count(c->obs, "branches", br);
@@ -366,7 +370,7 @@ enum probe_status probe_umask_pair(struct probe_ctx *c)
 			ret = probe_fail(c, "%s", vm.err);
 		set_filter(&vm, KVM_PMU_EVENT_DENY, 0, 0, NULL, 0);
 	}
-	json_workload(c, "workload", LOOP_PLAIN, n, 0);
+	json_workload(c, "workload", LOOP_PLAIN, n, 0, -1);
 	json_arr_begin(c->obs, "pairs");
 	for (int i = 0; i < np; i++) {
 		json_obj_begin(c->obs, NULL);

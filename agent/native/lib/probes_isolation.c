@@ -53,8 +53,9 @@ enum probe_status probe_guest_count(struct probe_ctx *c)
 {
 	uint64_t n = (uint64_t)arg_int(c, "iterations");
 	const struct pmu_layout *l = c->l;
-	struct guest_cmd *insn, *br;
+	struct guest_cmd *insn = NULL, *br = NULL;
 	struct run_stats st = { 0 };
+	int64_t kvm_exits = -1;
 	enum probe_status ret;
 	struct vcpu *v;
 	struct vm vm;
@@ -70,16 +71,19 @@ enum probe_status probe_guest_count(struct probe_ctx *c)
 	g_pmu_quiesce(c, v);
 	g_wrmsr(v, pmu_sel_msr(l, 0), pmu_selector(event(c, "instructions"), EVTSEL_EN));
 	g_wrmsr(v, pmu_sel_msr(l, 1), pmu_selector(event(c, "branches"), EVTSEL_EN));
-	g_measure(c, v, 0x3, n, true);
-	insn = g_rdmsr(v, pmu_ctr_msr(l, 0));
-	br = g_rdmsr(v, pmu_ctr_msr(l, 1));
-	g_pmu_quiesce(c, v);
-	if (batch_run(v, &st))
+	if (run_measured(c, v, 0x3, n, LOOP_EXIT_EACH, &st, &kvm_exits) == 0) {
+		insn = g_rdmsr(v, pmu_ctr_msr(l, 0));
+		br = g_rdmsr(v, pmu_ctr_msr(l, 1));
+		g_pmu_quiesce(c, v);
+		if (batch_run(v, NULL))
+			insn = br = NULL;
+	}
+	if (!insn)
 		ret = probe_fail(c, "%s", vm.err);
-	json_workload(c, "workload", LOOP_EXIT_EACH, n, st.ticks);
+	json_workload(c, "workload", LOOP_EXIT_EACH, n, st.ticks, kvm_exits);
 	json_obj_begin(c->obs, "counts");
-	json_opt_i64(c->obs, "instructions", insn->vector < 0 ? (int64_t)(insn->out[0] & INT64_MAX) : -1);
-	json_opt_i64(c->obs, "branches", br->vector < 0 ? (int64_t)(br->out[0] & INT64_MAX) : -1);
+	json_opt_i64(c->obs, "instructions", insn && insn->vector < 0 ? (int64_t)(insn->out[0] & INT64_MAX) : -1);
+	json_opt_i64(c->obs, "branches", br && br->vector < 0 ? (int64_t)(br->out[0] & INT64_MAX) : -1);
 	json_obj_end(c->obs);
 	json_exceptions(c->obs, v);
 	vm_destroy(&vm);
