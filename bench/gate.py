@@ -9,6 +9,13 @@ on the simulated hosts, verdict, reports), timed from process start to exit:
 * ``reused``: the baseline stored by an earlier gate on the same base is reused; only the candidate runs.
 
 The two modes alternate so machine noise hits both alike; the median of the samples is reported.
+
+``bisect``: a five-patch series (plain ``git format-patch`` output in a directory, ``--base``) whose
+third patch makes the simulated kernel ignore the event filter on Sapphire Rapids
+(``pmufarm-sim.yaml``), on the same two simulated hosts, baseline reused: the gate's own
+``timing.to_verdict`` (regression known, re-runs done) and ``timing.to_first_bad`` (bisection
+done), and the process wall time. The bisection must name patch 3.
+
 Prints one JSON object on stdout and one text line on stderr.
 """
 
@@ -49,6 +56,59 @@ def make_series(tmp: Path) -> tuple[Path, Path]:
     mbox = tmp / "series.mbx"
     mbox.write_text("".join(p.read_text() for p in sorted((tmp / "p").glob("*.patch"))))
     return repo, mbox
+
+
+FIVE = [("drivers/kvm/pmu.c", "/* renamed */\nint pmu_filter_v2(void) { return 0; }\n", "kvm: pmu: rename"),
+        ("drivers/kvm/counter.c", "int pmu_counter(void) { return 0; }\n", "kvm: pmu: counter helper"),
+        ("pmufarm-sim.yaml", "sapphirerapids: [filter_ignored]\n", "kvm: pmu: skip filter reprogramming on SPR"),
+        ("README", "documented\n", "kvm: pmu: document"),
+        ("drivers/kvm/counter.c", "int pmu_counter(void)\n{\n\treturn 0;\n}\n", "kvm: pmu: tidy")]
+
+
+def make_five(tmp: Path) -> tuple[Path, Path]:
+    """Toy tree at 'base' and the five patches as plain format-patch files in a directory."""
+    repo, _ = make_series(tmp)
+    _git(repo, "tag", "base")
+    for path, text, msg in FIVE:
+        (repo / path).write_text(text)
+        _git(repo, "add", path)
+        _git(repo, "commit", "-q", "-m", msg)
+    _git(repo, "format-patch", "-q", "-o", str(tmp / "five"), "base..HEAD")
+    _git(repo, "reset", "-q", "--hard", "base")
+    return repo, tmp / "five"
+
+
+def measure_bisect(quick: bool, inventory: str, suites: list[str], tree: str | None) -> dict:
+    reps = 2 if quick else 3
+    with tempfile.TemporaryDirectory(prefix="pmufarm-bench-bisect-") as t:
+        tmp = Path(t)
+        repo, patches = make_five(tmp)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("FARM_", "PMUFARM_"))}
+        env.update(FARM_STATE_DIR=str(tmp / "st"), FARM_AGENT_STATE_DIR=str(tmp / "agent"))
+        if tree:
+            env["PMUFARM_TREE"] = tree
+        base = [sys.executable, "-m", "orchestrator.gate", "--reports-dir", str(tmp / "reports"), "gate",
+                "--series", str(patches), "--base", "base", "--tree", str(repo), "--build-cmd",
+                f"sh {DATA / 'build.sh'}", "--inventory", inventory, *[a for s in suites for a in ("--suite", s)]]
+        xs: dict[str, list[float]] = {"wall": [], "to_verdict": [], "to_first_bad": [], "builds": []}
+        for i in range(reps + 1):  # sample 0 stores the baseline; the others reuse it
+            out = tmp / f"out-{i}"
+            t0 = time.monotonic()
+            r = subprocess.run([*base, "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True)
+            wall = time.monotonic() - t0
+            report = json.loads((out / "gate.json").read_text()) if (out / "gate.json").exists() else {}
+            bad = (report.get("bisect") or {}).get("first_bad") or {}
+            if r.returncode != 1 or bad.get("index") != 3:
+                raise SystemExit(f"bisect gate: exit {r.returncode}, first bad {bad.get('index')}: "
+                                 f"{(r.stderr or r.stdout).strip()[-400:]}")
+            if i == 0:
+                continue
+            xs["wall"].append(wall)
+            xs["to_verdict"].append(report["timing"]["to_verdict"])
+            xs["to_first_bad"].append(report["timing"]["to_first_bad"])
+            xs["builds"].append(report["bisect"]["builds"])
+    return {"repetitions": reps, "patches": 5, "first_bad": 3,
+            **{f"{k}_s" if k != "builds" else k: round(statistics.median(v), 2) for k, v in xs.items()}}
 
 
 def measure(quick: bool, inventory: str, suites: list[str], tree: str | None) -> dict:
@@ -101,11 +161,14 @@ def main() -> None:
     ap.add_argument("--suite", action="append", dest="suites", help="default: suites/filter and suites/pmi")
     ap.add_argument("--tree", help="PMUFARM_TREE for the agent (default: the installed tree)")
     args = ap.parse_args()
-    res = measure(args.quick, args.inventory, args.suites or ["suites/filter", "suites/pmi"], args.tree)
+    suites = args.suites or ["suites/filter", "suites/pmi"]
+    res = measure(args.quick, args.inventory, suites, args.tree)
+    b = res["bisect"] = measure_bisect(args.quick, args.inventory, suites, args.tree)
     print(json.dumps(res))
     print(f"gate time to verdict: baseline run {res['fresh_s']['median']:.1f}s, baseline reused "
-          f"{res['reused_s']['median']:.1f}s (median of {res['repetitions']}; saves {res['reuse_saves_s']:.1f}s)",
-          file=sys.stderr)
+          f"{res['reused_s']['median']:.1f}s (median of {res['repetitions']}; saves {res['reuse_saves_s']:.1f}s); "
+          f"5-patch series, 2 hosts: verdict {b['to_verdict_s']:.1f}s, first bad patch (3/5) "
+          f"{b['to_first_bad_s']:.1f}s after {b['builds']:g} bisect builds", file=sys.stderr)
 
 
 if __name__ == "__main__":
