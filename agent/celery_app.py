@@ -62,6 +62,10 @@ def make_app(broker_url: str | None = None, backend_url: str | None = None) -> C
         result_serializer="json",
         accept_content=["json"],
         worker_hijack_root_logger=False,
+        # A "task-sent" event when the orchestrator queues a job: `celery events` and Flower show a job
+        # before an agent takes it (and one for a host with no agent at all). Workers send the rest
+        # when started with `agent worker -E`.
+        task_send_sent_event=True,
     )
     _setup_signing(app)
     return app
@@ -82,3 +86,11 @@ def _setup_signing(app: Celery) -> None:
                     security_cert_store=store, security_digest="sha256")
     app.setup_security()
 
+
+def __getattr__(name: str) -> Celery:
+    """``celery -A agent.celery_app inspect ping`` (and ``events``, Flower) load ``app`` from here: built on
+    first use from FARM_BROKER_URL, so importing this module needs no broker."""
+    if name == "app":
+        globals()["app"] = built = make_app()
+        return built
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -80,7 +80,8 @@ def run(probe_name: str, args: tuple[str, ...], driver: str, uarch: str | None, 
 @click.option("--publish-facts/--no-publish-facts", default=True, show_default=True,
               help="Publish this machine's facts for the host (off for workers serving simulated hosts).")
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
-def worker(hosts: tuple[str, ...], concurrency: int, publish_facts: bool, loglevel: str) -> None:
+@click.option("--events", "-E", is_flag=True, help="Send task events (for `celery events` and Flower).")
+def worker(hosts: tuple[str, ...], concurrency: int, publish_facts: bool, loglevel: str, events: bool) -> None:
     """Serve the farm queue of HOST (needs FARM_BROKER_URL); heartbeats every FARM_HEARTBEAT_INTERVAL s."""
     from celery import signals
 
@@ -117,7 +118,8 @@ def worker(hosts: tuple[str, ...], concurrency: int, publish_facts: bool, loglev
 
     queues = ",".join(host_queue(h) for h in hosts)
     app.worker_main(["worker", "-Q", queues, "-n", node, "--pool", "prefork",
-                     "-c", str(concurrency), "-l", loglevel, "--without-mingle", "--without-gossip"])
+                     "-c", str(concurrency), "-l", loglevel, "--without-mingle", "--without-gossip",
+                     *(["-E"] if events else [])])
 
 if __name__ == "__main__":
     main()

@@ -371,7 +371,11 @@ def run_suite(self: Any, host: dict[str, Any], suite: str, run_id: str, attempt:
         _busy(broker, host.get("name"), None)
     log.info("run %s: host %s suite %s -> %s in %.1fs", run_id, host.get("name"), suite, job["status"],
              time.monotonic() - t0)
-    return job
+    # Outcome first: Flower and `celery events` show a finished task's result cut to its first ~1 kB.
+    counts: dict[str, int] = {}
+    for t in job.get("tests") or ():
+        counts[t.get("outcome")] = counts.get(t.get("outcome"), 0) + 1
+    return {"host": job.get("host"), "suite": job.get("suite"), "status": job.get("status"), "counts": counts, **job}
 
 
 def _busy(broker: str, host: Any, job: dict[str, Any] | None) -> None:

@@ -127,9 +127,9 @@ class Worker:
     """One ``agent worker`` process serving one or more host queues."""
 
     def __init__(self, hosts: list[str], broker_url: str, log_dir: Path, concurrency: int = 1,
-                 env: dict[str, str] | None = None, publish_facts: bool = True) -> None:
+                 env: dict[str, str] | None = None, publish_facts: bool = True, events: bool = False) -> None:
         self.hosts, self.broker_url, self.concurrency = hosts, broker_url, concurrency
-        self.publish_facts = publish_facts
+        self.publish_facts, self.events = publish_facts, events
         self.log_path = log_dir / f"worker-{hosts[0]}.log"
         self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
@@ -145,6 +145,8 @@ class Worker:
             cmd += ["--host", h]
         if not self.publish_facts:
             cmd.append("--no-publish-facts")
+        if self.events:
+            cmd.append("--events")
         env = dict(os.environ, FARM_BROKER_URL=self.broker_url, **self.env)
         env.pop("FARM_RESULT_BACKEND", None)
         with open(self.log_path, "ab") as log:

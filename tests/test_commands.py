@@ -204,3 +204,49 @@ def test_submit_from_another_directory_uses_the_installed_tree(tmp_path: Path, f
     r = run_cli("--reports-dir", str(tmp_path / "r"), "submit", "suites/smoke", env=farm_env, cwd=elsewhere)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "inventory not found" not in r.stderr and "local smoke: passed" in r.stdout
+
+
+def test_celery_tools_inspect_ping_and_task_events(tmp_path: Path, farm_env: dict[str, str]) -> None:
+    """A farm broker and an agent started with -E: `celery -A agent.celery_app inspect ping` answers, and the
+    event stream shows a job from the orchestrator's task-sent to task-succeeded with its outcome counts."""
+    from agent.celery_app import make_app
+    from orchestrator.localfarm import RedisServer, Worker, wait_for_workers
+
+    server = RedisServer(tmp_path / "broker").start()
+    worker = Worker(["solo"], server.url, tmp_path / "logs", env=farm_env, events=True)
+    events: list[dict] = []
+    try:
+        worker.start()
+        app = make_app(server.url)
+        wait_for_workers(app, [worker])
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FARM_")} | farm_env | {
+            "FARM_BROKER_URL": server.url}
+        # -d: the reply of the one named worker ends the wait (no full --timeout on a healthy farm).
+        ping = subprocess.run([sys.executable, "-m", "celery", "-A", "agent.celery_app", "inspect", "ping",
+                               "-d", worker.node, "--timeout", "20"], capture_output=True, text=True, env=env,
+                              cwd="/", timeout=60)
+        assert ping.returncode == 0 and "pong" in ping.stdout and worker.node in ping.stdout, ping.stdout + ping.stderr
+
+        conn = app.connection()
+        receiver = app.events.Receiver(conn, handlers={"*": events.append})
+        listener = threading.Thread(target=lambda: receiver.capture(limit=None, timeout=None, wakeup=False),
+                                    daemon=True)
+        listener.start()
+        time.sleep(0.5)  # the receiver's queue is bound before anything is sent
+        r = run_cli("--reports-dir", str(tmp_path / "r"), "submit", "suites/smoke", "--inventory",
+                    str(_one_host(tmp_path)), env={**farm_env, "FARM_BROKER_URL": server.url})
+        assert r.returncode == 0, r.stdout + r.stderr
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and sum(e["type"] == "task-succeeded" for e in events) < 2:
+            time.sleep(0.1)
+        receiver.should_stop = True
+        listener.join(timeout=10)  # it checks should_stop every second; the broker must outlive it
+        conn.release()
+    finally:
+        worker.kill()
+        server.stop()
+    kinds = {e["type"] for e in events}
+    assert {"task-sent", "task-received", "task-started", "task-succeeded"} <= kinds, kinds
+    done = [e["result"] for e in events if e["type"] == "task-succeeded"]
+    # The outcome leads the result, within the part Flower shows.
+    assert any("'status': 'passed', 'counts': {" in r[:200] for r in done), done
