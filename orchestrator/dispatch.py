@@ -103,12 +103,17 @@ class Dispatcher:
             self._liveness = read_state(self._redis)
             # Read after the beats: every beat in the snapshot is at most this old by the broker's clock.
             self._broker_now = broker_time(self._redis)
-            # The server's own uptime also covers restarts this loop never saw failing.
-            uptime = float(self._redis.info("server")["uptime_in_seconds"])
         except redis.RedisError:
             self._liveness, self._broker_now = {}, None
+            self._broker_up_since = float("inf")  # judged again once it answers
             return self._liveness
-        self._broker_up_since = self._broker_now - uptime
+        try:
+            # The server's own uptime also covers restarts this loop never saw failing.
+            up_since = self._broker_now - float(self._redis.info("server")["uptime_in_seconds"])
+        except redis.RedisError:
+            # The farm ACL may deny INFO: count from when this loop first saw the broker answer.
+            up_since = self._broker_now if self._broker_up_since == float("inf") else self._broker_up_since
+        self._broker_up_since = up_since
         return self._liveness
 
     @staticmethod

@@ -313,3 +313,30 @@ def test_given_up_attempt_stops_on_the_agent(tmp_path: Path, broker: RedisServer
             proc.kill()
         os.kill(worker.proc.pid, signal.SIGCONT)
         worker.stop()
+
+
+def test_wedge_seen_under_the_farm_acl(tmp_path: Path) -> None:
+    """A farm broker with the ACL (`farm` user, -@dangerous): INFO is denied, liveness must still work."""
+    from orchestrator.broker import SecuredRedisServer
+
+    server = SecuredRedisServer(tmp_path / "acl", bind=["127.0.0.1"], port=free_port()).start()
+    env = {"FARM_STATE_DIR": str(tmp_path / "st"), "FARM_AGENT_STATE_DIR": str(tmp_path / "agent"),
+           "PMUFARM_TREE": str(TREE), "FARM_BROKER_URL": server.url, "FARM_HEARTBEAT_INTERVAL": "1",
+           "PMUFARM_TEST_MARKER": str(tmp_path / "executions.txt"), "PMUFARM_TEST_SLEEP": "60",
+           "FARM_MAX_ATTEMPTS": "1", "FARM_QUARANTINE_AFTER": "100"}
+    mark_good(env, ["acl"])
+    worker = start_worker(env, ["acl"], tmp_path / "logs")
+    proc = submit_bg(env, "--reports-dir", str(tmp_path / "r"), "submit", "suites/slow", "--inventory",
+                     str(inventory(tmp_path, ["acl"])))
+    try:
+        wait_for(lambda: Path(env["PMUFARM_TEST_MARKER"]).exists(), 60, "the suite to start", proc)
+        os.killpg(worker.proc.pid, signal.SIGSTOP)
+        out, _ = proc.communicate(timeout=40)  # before the fix: no verdict until the 60 s suite ends
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.killpg(worker.proc.pid, signal.SIGCONT)
+        worker.stop()
+        server.stop()
+    assert proc.returncode == 3, out
+    assert "stopped heartbeating" in db(env, "SELECT log_tail FROM jobs WHERE suite='slow'")[0][0], out
