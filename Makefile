@@ -41,7 +41,7 @@ test: setup
 	$(PYTHON) -m pytest -q tests
 
 bench: setup
-	$(PYTHON) bench/run.py
+	$(PYTHON) bench/run.py --publish
 
 # Debian's linux-source-6.12, only what the KVM PMU selftests build reads, into ~/.cache/pmufarm (~125 MB;
 # suites/kselftest_kvm and its tests fetch it themselves on first use, so it is not part of setup).

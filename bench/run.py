@@ -1,5 +1,9 @@
-"""One command for every performance figure: runs each benchmark, records machine details, writes
-bench/results/latest.json and latest.md, and regenerates the README's performance section.
+"""One command for every performance figure: runs each benchmark and records machine details.
+
+Results go where asked: ``--out DIR`` (default ``$FARM_STATE_DIR/bench`` or ~/.local/state/pmufarm/bench),
+never into tracked files unless ``--publish`` (``make bench``) says so: then bench/results/latest.json and
+latest.md are written and the README's performance section is regenerated. With ``--only``, the named
+benchmarks replace their rows in the previous results and the rest are kept, each row with its own date.
 
 Each benchmark repeats itself and reports median and spread; ratios are measured within one
 benchmark run (both sides alternated on the same machine state). `--quick` is a smoke run (< 1 min):
@@ -30,7 +34,8 @@ BENCHES: dict[str, tuple[str, list[str], list[str] | None, str]] = {
     "probe_latency_1": ("probe_latency", ["--iterations", "1"], ["--quick", "--iterations", "1"],
                         "the same with one iteration: VM set-up and teardown alone"),
     "guest_boot": ("guest_boot", [], ["--quick"], "Linux guest boot-to-result (QEMU) vs harness probe"),
-    "submit_overhead": ("submit_overhead", [], ["--quick"], "`orchestrator submit` vs plain `pytest`, same suite"),
+    "submit_overhead": ("submit_overhead", [], ["--quick"], "cold `orchestrator submit suites/isolation` (private "
+                        "Redis + worker started and stopped inside) vs plain `pytest`; `--help` start-up"),
     "aggregate": ("aggregate", [], ["--quick"], "write_reports over 100k results (quick: 10k)"),
     "sim_farm": ("sim_farm", ["--hosts", "1000"], ["--hosts", "10"], "dispatch + aggregation, N simulated hosts"),
     "gate": ("gate", [], None, "gate time-to-verdict on simulated hosts"),
@@ -92,6 +97,8 @@ def markdown(report: dict[str, Any]) -> str:
             text = f"failed: {res['error']}"
         else:
             text = res["summary"].replace("|", "/")
+            if res.get("when") and res["when"] != report["when"]:
+                text += f" (measured {res['when'][:16]}, load {res.get('loadavg', '?')})"
         lines.append(f"| {name} | {what} | {text} |")
     return "\n".join(lines) + "\n"
 
@@ -110,10 +117,20 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="smoke run, under a minute")
     ap.add_argument("--only", nargs="*", choices=list(BENCHES), help="run only these")
-    ap.add_argument("--no-readme", action="store_true", help="do not rewrite the README section")
+    ap.add_argument("--out", type=Path, default=None, help="directory for latest.json/latest.md")
+    ap.add_argument("--publish", action="store_true",
+                    help="write bench/results/ (tracked) and regenerate the README's performance section")
     args = ap.parse_args()
+    state = Path(os.environ.get("FARM_STATE_DIR") or Path.home() / ".local" / "state" / "pmufarm")
+    out = ROOT / "bench" / "results" if args.publish else (args.out or state / "bench")
     report: dict[str, Any] = {"when": datetime.now(UTC).isoformat(timespec="seconds"), "quick": args.quick,
                               "machine": machine(), "results": {}}
+    if args.only and (out / "latest.json").exists():
+        with contextlib.suppress(ValueError, KeyError):
+            previous = json.loads((out / "latest.json").read_text())
+            for name, res in previous["results"].items():
+                res.setdefault("when", previous.get("when"))
+                report["results"][name] = res
     for name, (script, full, quick, _) in BENCHES.items():
         if args.only and name not in args.only:
             continue
@@ -122,15 +139,17 @@ def main() -> int:
             continue
         print(f"bench {name} ...", file=sys.stderr, flush=True)
         res = run_one(name, script, bench_args, timeout=120 if args.quick else 1800)
+        res["when"] = datetime.now(UTC).isoformat(timespec="seconds")
+        res["loadavg"] = round(os.getloadavg()[0], 2)
         report["results"][name] = res
         print(f"  {res.get('summary') if res['ok'] else 'FAILED: ' + res['error']}", file=sys.stderr)
-    out = ROOT / "bench" / "results"
-    out.mkdir(exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "latest.json").write_text(json.dumps(report, indent=2))
     md = markdown(report)
     (out / "latest.md").write_text(md)
-    if not args.no_readme and not args.only:
+    if args.publish:
         update_readme(md)
+    print(f"results: {out}", file=sys.stderr)
     print(md)
     return 0 if all(r["ok"] for r in report["results"].values()) else 1
 
