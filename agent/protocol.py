@@ -195,8 +195,9 @@ PROBES: dict[str, ProbeSpec] = {p.name: p for p in [
               "loop; llc_references, llc_misses and topdown_be_bound over the clflush loop where the guest "
               "has CLFLUSH (finding 5)",
               WORKLOAD + ', "workload_clflush": {same keys} or null -- ' + WORKLOAD_CLFLUSH +
-              ', "gp": [{"counter": i, "event": name, "loop": "plain"|"clflush", "count": c}], '
-              '"fixed": [{"counter": j, "event": name, "loop": "plain", "count": c}]'),
+              ', "gp": [{"counter": i, "event": name, "loop": "plain"|"clflush", "count": c, "kvm_exits": n or '
+              'null (KVM\'s exit count over the batch holding only this loop, its PORT_DONE included)}], '
+              '"fixed": [{"counter": j, "event": name, "loop": "plain", "count": c, "kvm_exits": n or null}]'),
     ProbeSpec("disabled_counter", True, {"iterations": 1000},
               "counters programmed with the enable bit clear do not move over the loop",
               '"gp": [{"counter": i, "before": v, "after": v}], "fixed": [{"counter": j, "before": v, '

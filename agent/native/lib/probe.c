@@ -697,7 +697,7 @@ int run_measured(struct probe_ctx *c, struct vcpu *v, uint64_t enable_mask, uint
 	batch_begin(v);
 	g_measure_loop(c, v, enable_mask, n, k);
 	before = vcpu_kvm_exits(v);
-	if (batch_run(v, st))
+	if (batch_run(v, st ? st : &(struct run_stats){ 0 }))
 		return -1;
 	after = vcpu_kvm_exits(v);
 	if (before >= 0 && after >= before)

@@ -41,12 +41,44 @@ static int gp_count(const struct probe_ctx *c)
 	return c->pmu.gp > (int)c->l->max_gp ? (int)c->l->max_gp : c->pmu.gp;
 }
 
+/* One arch_events entry: the counter counts over the loop in a batch of its own. */
+static enum probe_status arch_entry(struct probe_ctx *c, struct vcpu *v, const char *kind, int idx,
+				    const char *event, enum loop_kind k, uint64_t n)
+{
+	static const char *const loops[] = { "plain", "exit_each", "clflush" };
+	const struct pmu_layout *l = c->l;
+	bool gp = !strcmp(kind, "gp");
+	uint32_t ctr = gp ? pmu_ctr_msr(l, idx) : l->fixed_base + (uint32_t)idx;
+	struct guest_cmd *rd = NULL;
+	int64_t kvm_exits = -1;
+
+	batch_begin(v);
+	g_pmu_quiesce(c, v);
+	if (gp)
+		g_wrmsr(v, pmu_sel_msr(l, idx), pmu_selector(pmu_event(l, event), EVTSEL_EN));
+	else
+		g_wrmsr(v, l->fixed_ctrl, (FIXED_CTRL_OS | FIXED_CTRL_USR) << (4 * idx));
+	if (!run_measured(c, v, gp ? 1ULL << idx : 1ULL << (32 + idx), n, k, NULL, &kvm_exits)) {
+		rd = g_rdmsr(v, ctr);
+		g_pmu_quiesce(c, v);
+		if (batch_run(v, NULL))
+			rd = NULL;
+	}
+	json_obj_begin(c->obs, NULL);
+	json_i64(c->obs, "counter", idx);
+	json_str(c->obs, "event", event);
+	json_str(c->obs, "loop", loops[k]);
+	json_value_or_null(c->obs, "count", rd);
+	json_opt_i64(c->obs, "kvm_exits", kvm_exits);
+	json_obj_end(c->obs);
+	return rd ? PROBE_OK : probe_fail(c, "%s", v->vm->err);
+}
+
 enum probe_status probe_arch_events(struct probe_ctx *c)
 {
 	uint64_t n = (uint64_t)arg_int(c, "iterations");
 	const struct pmu_layout *l = c->l;
 	const struct pmu_info *p = &c->pmu;
-	struct guest_cmd *reads[16];
 	enum probe_status ret = probe_need_counters(c, 1);
 	bool clflush = probe_guest_has_clflush(c);
 	struct vcpu *v;
@@ -61,58 +93,18 @@ enum probe_status probe_arch_events(struct probe_ctx *c)
 		json_workload(c, "workload_clflush", LOOP_CLFLUSH, n, 0, -1);
 	else
 		json_null(c->obs, "workload_clflush");
+	/* Every available event on every GP counter, each in its own measured batch. */
 	json_arr_begin(c->obs, "gp");
-	/* One batch per counter: every available event in turn, exit-free loop. */
-	for (int i = 0; i < gp_count(c) && ret == PROBE_OK; i++) {
-		size_t k, nr = 0;
-
-		batch_begin(v);
-		g_pmu_quiesce(c, v);
-		for (k = 0; k < l->nevents && nr < 16; k++) {
-			if (!(p->events_mask >> k & 1))
-				continue;
-			g_wrmsr(v, pmu_ctr_msr(l, i), 0);
-			g_wrmsr(v, pmu_sel_msr(l, i), pmu_selector(&l->events[k], EVTSEL_EN));
-			g_measure_loop(c, v, 1ULL << i, n,
-				       clflush && wants_clflush(&l->events[k]) ? LOOP_CLFLUSH : LOOP_PLAIN);
-			reads[nr++] = g_rdmsr(v, pmu_ctr_msr(l, i));
-			g_wrmsr(v, pmu_sel_msr(l, i), 0);
-		}
-		if (batch_run(v, NULL))
-			ret = probe_fail(c, "%s", vm.err);
-		for (k = 0, nr = 0; k < l->nevents && nr < 16; k++) {
-			if (!(p->events_mask >> k & 1))
-				continue;
-			json_obj_begin(c->obs, NULL);
-			json_i64(c->obs, "counter", i);
-			json_str(c->obs, "event", l->events[k].name);
-			json_str(c->obs, "loop", clflush && wants_clflush(&l->events[k]) ? "clflush" : "plain");
-			json_value_or_null(c->obs, "count", reads[nr++]);
-			json_obj_end(c->obs);
-		}
-	}
+	for (int i = 0; i < gp_count(c) && ret == PROBE_OK; i++)
+		for (size_t k = 0; k < l->nevents && ret == PROBE_OK; k++)
+			if (p->events_mask >> k & 1)
+				ret = arch_entry(c, v, "gp", i, l->events[k].name,
+						 clflush && wants_clflush(&l->events[k]) ? LOOP_CLFLUSH : LOOP_PLAIN, n);
 	json_arr_end(c->obs);
 	json_arr_begin(c->obs, "fixed");
-	for (int j = 0; l->fixed_base && j < p->fixed && j < (int)l->nfixed_events && ret == PROBE_OK; j++) {
-		struct guest_cmd *rd;
-
-		if (!(p->fixed_mask >> j & 1))
-			continue;
-		batch_begin(v);
-		g_pmu_quiesce(c, v);
-		g_wrmsr(v, l->fixed_ctrl, (FIXED_CTRL_OS | FIXED_CTRL_USR) << (4 * j));
-		g_measure(c, v, 1ULL << (32 + j), n, false);
-		rd = g_rdmsr(v, l->fixed_base + (uint32_t)j);
-		g_wrmsr(v, l->fixed_ctrl, 0);
-		if (batch_run(v, NULL))
-			ret = probe_fail(c, "%s", vm.err);
-		json_obj_begin(c->obs, NULL);
-		json_i64(c->obs, "counter", j);
-		json_str(c->obs, "event", l->fixed_events[j]);
-		json_str(c->obs, "loop", "plain");
-		json_value_or_null(c->obs, "count", rd);
-		json_obj_end(c->obs);
-	}
+	for (int j = 0; l->fixed_base && j < p->fixed && j < (int)l->nfixed_events && ret == PROBE_OK; j++)
+		if (p->fixed_mask >> j & 1)
+			ret = arch_entry(c, v, "fixed", j, l->fixed_events[j], LOOP_PLAIN, n);
 	json_arr_end(c->obs);
 	json_exceptions(c->obs, v);
 	vm_destroy(&vm);
