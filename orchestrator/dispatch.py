@@ -12,6 +12,7 @@ import os
 import secrets
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -51,10 +52,17 @@ class Pending:
     status: str = "queued"
 
 
+class BrokerLost(RuntimeError):
+    """A broker that cannot come back (the local default's private Redis died): the run ends here."""
+
+
 class Dispatcher:
-    def __init__(self, app: Celery, store: Store, run_id: str, timeout: float, expires: float) -> None:
+    def __init__(self, app: Celery, store: Store, run_id: str, timeout: float, expires: float,
+                 broker_check: Callable[[], str | None] | None = None) -> None:
         self.app, self.store, self.run_id = app, store, run_id
         self.timeout, self.expires = timeout, expires
+        # Local default: says why the private broker is gone. A farm broker may restart: the loop waits.
+        self.broker_check = broker_check
         self.pending: list[Pending] = []
         self._redis: redis.Redis | None = None
         self._liveness: dict[str, dict[str, Any]] = {}
@@ -185,8 +193,24 @@ class Dispatcher:
                 out[p.result.id] = (meta["status"], meta.get("result"))
         return out
 
+    def _check_broker(self) -> None:
+        """Within a tick of the private broker dying: open jobs become infra_error with the cause (results
+        already stored stay), and BrokerLost ends the wait instead of a silent hang until the timeouts."""
+        why = self.broker_check() if self.broker_check else None
+        if not why:
+            return
+        for p in self.pending:
+            if p.status not in FINAL_JOB_STATES:
+                # Not the host's fault: no health record, nothing counts toward quarantine.
+                self.store.finish_job(p.job_id, {**self._infra(p, f"{why}; job lost with it"), "status": "infra_error"})
+                p.status = "infra_error"
+        for p in self.pending:
+            p.result.backend = None  # AsyncResult.__del__ would unsubscribe through the dead broker, noisily
+        raise BrokerLost(why)
+
     def poll_once(self) -> list[Pending]:
         """Advance every job one step; returns the jobs that changed (for progress output)."""
+        self._check_broker()
         changed = []
         open_jobs = [p for p in self.pending if p.status not in FINAL_JOB_STATES]
         try:

@@ -235,6 +235,15 @@ class LocalFarm:
             raise
         return self
 
+    def broker_problem(self) -> str | None:
+        """Why the private broker is gone (it died), or None; checked on every tick of the dispatch loop."""
+        proc = self.redis.proc
+        if proc is None or proc.poll() is None:
+            return None
+        rc = proc.returncode
+        how = f"killed by signal {-rc}" if rc < 0 else f"exited with {rc}"
+        return f"the local broker (redis-server) {how} mid-run; see {self.redis.dir / 'redis.log'}"
+
     def close(self, cold: bool = False) -> None:
         # The broker is private and stops next: a result still in flight would land nowhere, so there is
         # nothing to drain (``cold`` or not). Kill instead of Celery's shutdown, which joins its pool

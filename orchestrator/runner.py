@@ -104,13 +104,14 @@ def execute_run(store: Store, state_dir: Path, hosts: list[Host], suites: list[s
             farm.__enter__()
             broker = farm.redis.url
         app = client_app(broker)
+        broker_check = farm.broker_problem if farm else None
         if farm:
             wait_for_workers(app, farm.workers)
         store.create_run(run_id, suites, inventory, opts.meta)
         unchecked = [h for h in hosts if health.needs_health_check(store, h)]
         if unchecked and not opts.no_wait:
             echo(f"health check first on {', '.join(h.name for h in unchecked)}")
-            checker = dispatch.Dispatcher(app, store, run_id, min(opts.timeout, 300), opts.expires)
+            checker = dispatch.Dispatcher(app, store, run_id, min(opts.timeout, 300), opts.expires, broker_check)
             checker.enqueue(unchecked, [health.HEALTH_SUITE])
             checker.wait(tty=opts.tty)
             failed = [h for h in unchecked if store.host_state(h.name)["state"] != "good"]
@@ -118,16 +119,17 @@ def execute_run(store: Store, state_dir: Path, hosts: list[Host], suites: list[s
                 echo(f"host {h.name} left out: {store.host_state(h.name)['state_reason'] or 'health check failed'}")
             hosts = [h for h in hosts if h not in failed]
         echo(f"run {run_id}: {len(suites)} suite(s) on {len(hosts)} host(s)")
-        runner = dispatch.Dispatcher(app, store, run_id, opts.timeout, opts.expires)
+        runner = dispatch.Dispatcher(app, store, run_id, opts.timeout, opts.expires, broker_check)
         runner.enqueue(hosts, suites, opts.only)
         if opts.no_wait:
             return run_id
         runner.wait(tty=opts.tty)
         store.finish_run(run_id, "done")
-    except LocalFarmError as exc:
+    except (LocalFarmError, dispatch.BrokerLost) as exc:
         if store.run(run_id):
             store.finish_run(run_id, "infra_error")
-        raise RunError(EXIT_INFRA, str(exc)) from None
+        kept = f"run {run_id}: " if isinstance(exc, dispatch.BrokerLost) else ""
+        raise RunError(EXIT_INFRA, kept + str(exc) + ("; results stored before it are kept" if kept else "")) from None
     except KeyboardInterrupt:
         interrupted = True
         if store.run(run_id):

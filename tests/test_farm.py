@@ -249,3 +249,46 @@ def test_path_fields_from_a_message_are_refused(tmp_path: Path, field: str) -> N
                 os.environ[k] = v
     assert job["status"] == "infra_error" and job["log_tail"].startswith("refused:"), job
     assert not list(tmp_path.rglob("escape*")) and not (tmp_path / "agent").exists()
+
+
+def test_local_broker_killed_mid_run_fails_fast_keeps_results(tmp_path: Path, farm_env: dict[str, str]) -> None:
+    """The local default's private redis-server dies (SIGKILL) mid-suite: the orchestrator notices within
+    seconds, says so in one line, exits 3; the job that had finished keeps its stored result."""
+    inv = tmp_path / "one.yaml"
+    inv.write_text("- {name: solo, address: local}\n")
+    marker = tmp_path / "m.txt"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FARM_")} | farm_env | {
+        "PMUFARM_TEST_MARKER": str(marker), "PMUFARM_TEST_SLEEP": "60"}
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "--reports-dir", str(tmp_path / "r"),
+                             "submit", "suites/smoke", "suites/slow", "--inventory", str(inv)],
+                            cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 90
+        while not marker.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert marker.exists(), proc.communicate(timeout=5)
+        state = farm_env["FARM_STATE_DIR"]
+        redis_pids = [int(p.name) for p in Path("/proc").iterdir()
+                      if p.name.isdigit() and "redis-server" in _cmdline(p) and state in _cmdline(p)]
+        assert len(redis_pids) == 1, redis_pids
+        os.kill(redis_pids[0], signal.SIGKILL)
+        killed_at = time.monotonic()
+        out, err = proc.communicate(timeout=60)  # before the fix: silent until the 1800 s timeout
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 3, out + err
+    assert time.monotonic() - killed_at < 20, out + err
+    assert "local broker (redis-server) killed by signal 9" in err and "Traceback" not in out + err, err
+    rows = db_rows(farm_env, "SELECT suite, status FROM jobs WHERE suite != 'health' ORDER BY suite")
+    assert rows == [("slow", "infra_error"), ("smoke", "passed")], rows
+    assert db_rows(farm_env, "SELECT status FROM runs") == [("infra_error",)]
+    kept = db_rows(farm_env, "SELECT COUNT(*) FROM results r JOIN jobs j ON j.id=r.job_id WHERE j.suite='smoke'")
+    assert kept[0][0] > 0
+
+
+def _cmdline(p: Path) -> str:
+    try:
+        return (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
