@@ -44,33 +44,42 @@ class Symptom:
     name: str
     events: tuple[str, ...]          # counted events it bends ("" = not a count deviation)
     summary: str
-    # (deviation, transitions) -> is the deviation within the symptom's bound?
-    bound: Callable[[int, int], bool] | None = None
-    bound_text: Callable[[int], str] | None = None
+    # (deviation, transitions, expected count) -> is the deviation within the symptom's bound?
+    bound: Callable[[int, int, int], bool] | None = None
+    bound_text: Callable[[int, int], str] | None = None
 
 
-def _per_transition(dev: int, exits: int) -> bool:
+def _per_transition(dev: int, exits: int, expected: int) -> bool:
     # "up to one count per VM-entry and per VM-exit in the window": every forced exit inside the
     # window is followed by the entry that resumes the guest, so at most 2 per exit. Overcount only.
     return 0 < dev <= 2 * exits
 
 
-def _vmrun_branch(dev: int, exits: int) -> bool:
-    # AMD counts each VMRUN as a guest branch: exactly one per exit, plus at most one (the entry
-    # that started the window may or may not fall inside it).
-    return exits <= dev <= exits + 1
+def _async_entries(expected: int) -> int:
+    """VM-entries after host interrupts (timer ticks, IPIs) that userspace never sees: kvm-unit-tests
+    x86/pmu.c adjust_events_range() gives up exact counts on AMD for them and keeps its AMD ranges,
+    instructions and branches at most +10% of the loop's count (branches [N, 1.1N]); that is the bound."""
+    return expected // 10 + 1
+
+
+def _vmrun(dev: int, exits: int, expected: int) -> bool:
+    # AMD retires each VMRUN as a guest instruction AND branch (lore "[PATCH 5/5] KVM: x86/pmu: Hide
+    # guest counter updates from the VMRUN instruction"): one per exit seen in the window (the entry
+    # after the window-opening WRMSR may fall either side), plus entries after host interrupts.
+    return max(0, exits - 1) <= dev <= exits + 1 + _async_entries(expected)
 
 
 SYMPTOMS: dict[str, Symptom] = {s.name: s for s in [
     Symptom("insn_overcount_on_vm_transition", ("instructions",),
             "instructions retired may count each VM-entry/VM-exit",
-            _per_transition, lambda e: f"+1..+{2 * e} (one per VM-entry and per VM-exit, {e} exits)"),
+            _per_transition, lambda e, x: f"+1..+{2 * e} (one per VM-entry and per VM-exit, {e} exits)"),
     Symptom("branch_overcount_on_vm_transition", ("branches",),
             "branches retired may count each VM-entry/VM-exit",
-            _per_transition, lambda e: f"+1..+{2 * e} (one per VM-entry and per VM-exit, {e} exits)"),
-    Symptom("vmrun_counted_as_branch", ("branches",),
-            "AMD counts VMRUN as a guest branch",
-            _vmrun_branch, lambda e: f"+{e}..+{e + 1} (one per VMRUN, {e} exits, plus at most one)"),
+            _per_transition, lambda e, x: f"+1..+{2 * e} (one per VM-entry and per VM-exit, {e} exits)"),
+    Symptom("vmrun_counted_as_branch", ("branches", "instructions"),
+            "AMD retires each VMRUN as a guest instruction and branch (finding 4)",
+            _vmrun, lambda e, x: f"+{max(0, e - 1)}..+{e + 1 + _async_entries(x)} (one per VMRUN: {e} exits "
+                                 f"seen, up to {_async_entries(x)} after host interrupts)"),
     Symptom("global_ctrl_cleared_on_vm_exit", (), "VM-exit may clear PERF_GLOBAL_CTRL[34:32]"),
     Symptom("ht_counter_corruption", (), "MEM_*_RETIRED events may corrupt the HT sibling's counters"),
     Symptom("min_sample_period", (), "short sample periods are raised by the hardware/perf"),
@@ -216,6 +225,10 @@ def _load_host(config: pytest.Config) -> tuple[dict[str, Any], dict[str, Any]]:
                 from agent.drivers.model import simulated_facts
 
                 facts = simulated_facts(host)
+            elif host.get("driver") == "emulated":
+                from agent.drivers.emulated import emulated_facts
+
+                facts = emulated_facts(host)
             else:
                 from agent.facts import collect_facts
 
@@ -567,8 +580,8 @@ class Errata:
             if sym.bound is None or event not in sym.events:
                 continue
             for erratum in self.applicable(name):
-                bound = sym.bound_text(transitions) if sym.bound_text else ""
-                if sym.bound(dev, transitions):
+                bound = sym.bound_text(transitions, expected) if sym.bound_text else ""
+                if sym.bound(dev, transitions, expected):
                     return "xfail", f"{erratum}: {head}, within {bound}; {name})"
                 outside.append(f"{erratum}/{name} allows {bound}")
         why = (f"outside the erratum bound: {'; '.join(outside)}" if outside

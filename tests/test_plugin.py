@@ -250,7 +250,7 @@ def test_errata_xfail_bound_and_probe(tmp_path: Path) -> None:
     assert "RuntimeError: harness exploded" in t["test_driver_raises"]["message"]
     # each (probe, params) ran once although several tests asked for it (defaults merged)
     calls = (tmp_path / "tree" / "suites" / "calls.log").read_text().splitlines()
-    assert calls.count('guest_count {"iterations": 1000}') == 1, calls
+    assert len([c for c in calls if c.startswith('guest_count {') and '"iterations": 1000' in c]) == 1, calls
     assert len(calls) == len(set(calls))
 
 
@@ -268,11 +268,15 @@ def test_errata_helper_bounds() -> None:
     assert srf7.verdict("guest instructions", 9, 10, 5)[0] == "fail"        # undercount is never an erratum
     assert srf7.verdict("guest branches", 11, 10, 5)[0] == "fail"          # symptom not declared for branches
     amd = Errata(["vmrun_counted_as_branch"], [{"id": "AMD-VMRUN-BRANCH", "symptoms": ["vmrun_counted_as_branch"]}])
-    assert amd.verdict("GP0 branches", 105, 100, 5)[0] == "xfail"         # one per VMRUN
-    assert amd.verdict("GP0 branches", 106, 100, 5)[0] == "xfail"         # plus at most one
-    assert amd.verdict("GP0 branches", 104, 100, 5)[0] == "fail"          # exactly one per exit
-    assert amd.verdict("GP0 branches", 107, 100, 5)[0] == "fail"
-    assert amd.verdict("GP0 instructions", 105, 100, 5)[0] == "fail"      # VMRUN is a branch only
+    # one instruction AND one branch per VMRUN (finding 4): 5 exits seen, the entry after the opening
+    # WRMSR either side (-1), up to expected // 10 + 1 = 11 entries after host interrupts
+    assert amd.verdict("GP0 branches", 105, 100, 5)[0] == "xfail"
+    assert amd.verdict("GP0 instructions", 105, 100, 5)[0] == "xfail"
+    assert amd.verdict("GP0 branches", 104, 100, 5)[0] == "xfail"
+    assert amd.verdict("GP0 branches", 103, 100, 5)[0] == "fail"          # fewer than the VMRUNs seen
+    assert amd.verdict("GP0 branches", 117, 100, 5)[0] == "xfail"
+    assert amd.verdict("GP0 branches", 118, 100, 5)[0] == "fail"          # beyond the kvm-unit-tests range
+    assert amd.verdict("GP0 instructions", 2000, 1000, 0)[0] == "fail"    # e.g. host work leaking in
     assert erratum_of(amd.verdict("GP0 branches", 105, 100, 5)[1]) == "AMD-VMRUN-BRANCH"
     from agent.facts import SYMPTOM_CLASSES
 

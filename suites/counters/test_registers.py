@@ -137,7 +137,7 @@ def test_global_ctrl_survives_vm_exit(probe, errata):
 
 @MEDIATED
 @pytest.mark.parametrize("step", ["overflow-sets", "clear-clears", "set-sets"])
-def test_overflow_status(probe, step):
+def test_overflow_status(probe, flat_facts, step):
     """Overflow sets the counter's GLOBAL_STATUS bit; OVF_CTRL/StatusClr clears it; STATUS_SET/StatusSet sets.
 
     Rule: SDM IA32_PERF_GLOBAL_STATUS / _OVF_CTRL / _STATUS_SET (v4+, required by mediated, vpmu.md
@@ -153,6 +153,11 @@ def test_overflow_status(probe, step):
         assert not obs["after_clear"] & bit, \
             f"status {obs['after_clear']:#x} still has bit {obs['counter']} after clearing it"
     else:
+        # GLOBAL_STATUS_SET exists only for guest PMU version > 3 (pmu_intel.c intel_is_valid_msr();
+        # KVM 7.0 reports v2, so the harness raises the guest's version for this probe: finding 2)
+        version = (obs.get("guest_pmu") or {}).get("version")
+        if flat_facts.get("vendor") == "intel" and version is not None and version < 4:
+            pytest.skip(f"the guest PMU is version {version}: no GLOBAL_STATUS_SET below version 4")
         assert obs["set_mask"], "set_mask is 0: nothing was set"
         assert obs["after_set"] & obs["set_mask"] == obs["set_mask"], \
             f"status {obs['after_set']:#x} lacks bits of set mask {obs['set_mask']:#x}"

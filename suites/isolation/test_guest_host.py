@@ -23,8 +23,10 @@ def test_guest_count_excludes_host(probe, errata, event):
 
     Rule (vpmu.md §3.2, §4.2: exact LOOP_INSNS/LOOP_BRANCHES on Intel with GLOBAL_CTRL): KVM's exit
     handling runs with the guest context put, so none of the host's work between exit and re-entry
-    reaches the guest counter; errata SRF7 (§5.1) and AMD's VMRUN-as-branch (§5.3) may add up to
-    their per-transition bound.
+    reaches the guest counter; errata SRF7 (§5.1) and AMD's VMRUN (§5.3: one instruction and one
+    branch per VM-entry, plus entries after host interrupts; agent/plugin.py bounds it) may add up
+    to their bound. The emulated OUT is counted by KVM in software (kvm_pmu_instruction_retired), so
+    it is part of the loop's 3N+5.
     """
     obs = probe("guest_count").observations
     work = obs["workload"]
@@ -34,30 +36,51 @@ def test_guest_count_excludes_host(probe, errata, event):
     errata.exact(f"guest {event}", obs["counts"][event], work[event], transitions=work["vm_exits"])
 
 
+def _host_runs(probe):
+    obs = probe("host_excludes_guest").observations
+    assert obs["perf_open_errno"] == 0, \
+        f"host could not open the exclude_guest event: errno {obs['perf_open_errno']}"
+    assert len(obs["runs"]) >= 3, f"need a small, a large and a many-exit run, got {obs['runs']}"
+    return obs, obs["runs"][0], obs["runs"][1], obs["runs"][2]
+
+
+@MEDIATED
+def test_host_event_counts_per_exit(probe):
+    """The host exclude_guest event counts the host's own work per VM-exit (it is alive, so the
+    leak check below is not vacuous).
+
+    Rule (vpmu.md §2: exclude_guest events are scheduled out only while the guest context is loaded;
+    KVM's exit handling and the VMM's port-I/O handling run with them in): the small run repeated with
+    10x the exits makes the host count grow by a positive amount per extra exit.
+    """
+    obs, small, _, many = _host_runs(probe)
+    extra = many["vm_exits"] - small["vm_exits"]
+    assert extra > 0, f"the many-exit run made {many['vm_exits']} exits vs {small['vm_exits']}: nothing to divide"
+    per_exit = (many["host_count"] - small["host_count"]) / extra
+    assert per_exit > 0, (f"host exclude_guest event grew by {per_exit:.1f} per VM-exit over {extra} extra exits "
+                          f"(exclude_kernel={obs.get('exclude_kernel')}): it does not count the host's exit work")
+
+
 @MEDIATED
 def test_host_excludes_guest(probe):
     """A host exclude_guest event on the vCPU thread does not grow with the guest's work.
 
-    Rule (vpmu.md §2 perf_load_guest_context schedules exclude_guest events out; §3.2): two runs make
-    the same number of exits, so the host-side work (exit handling, the run loop) is the same and the
-    host count differs only by noise; the guest retires about a million more instructions in the
-    large run. A leak of guest counts into the host event would move the host delta by ~100% of the
-    guest delta; interrupts and timer ticks on the vCPU thread during the longer run stay far below
-    1% (~10k instructions for a 1M-instruction delta), hence the 1% threshold.
+    Rule (vpmu.md §2 perf_load_guest_context schedules exclude_guest events out; §3.2): the small and
+    the large run make the same number of exits, so the host-side work is the same and only noise
+    separates their host counts, while the guest retires about a million more instructions in the
+    large one. A leak would move the host count by ~100% of the guest delta. The threshold is 10%
+    of the guest delta (~300k instructions by default), far above the host timer ticks and
+    interrupts a longer run can add to the vCPU thread (finding 15: 1% was within their reach).
     """
-    obs = probe("host_excludes_guest").observations
-    assert obs["perf_open_errno"] == 0, \
-        f"host could not open the exclude_guest event: errno {obs['perf_open_errno']}"
-    assert len(obs["runs"]) >= 2, f"need a small and a large run, got {obs['runs']}"
-    small, large = obs["runs"][0], obs["runs"][-1]
+    _, small, large, _ = _host_runs(probe)
     assert small["vm_exits"] == large["vm_exits"], \
         f"runs differ in exits ({small['vm_exits']} vs {large['vm_exits']}): host work not comparable"
     guest_delta = large["guest_instructions"] - small["guest_instructions"]
     host_delta = large["host_count"] - small["host_count"]
     assert guest_delta > 0, f"large run retired no more guest instructions than the small one ({guest_delta})"
-    assert abs(host_delta) < guest_delta / 100, (
+    assert abs(host_delta) < guest_delta / 10, (
         f"host exclude_guest count moved by {host_delta} when the guest retired {guest_delta} more "
-        f"instructions ({100 * host_delta / guest_delta:.1f}% >= 1%): guest work leaks into the host count")
+        f"instructions ({100 * host_delta / guest_delta:.1f}% >= 10%): guest work leaks into the host count")
 
 
 EXCLUSIVITY = [
