@@ -78,18 +78,25 @@ def make_five(tmp: Path) -> tuple[Path, Path]:
     return repo, tmp / "five"
 
 
+def _gate_cmd(tmp: Path, repo: Path, inventory: str, suites: list[str], tree: str | None
+              ) -> tuple[dict[str, str], list[str]]:
+    """The environment (a private state dir) and the gate command line up to the series."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FARM_", "PMUFARM_"))}
+    env.update(FARM_STATE_DIR=str(tmp / "st"), FARM_AGENT_STATE_DIR=str(tmp / "agent"))
+    if tree:
+        env["PMUFARM_TREE"] = tree
+    return env, [sys.executable, "-m", "orchestrator.gate", "--reports-dir", str(tmp / "reports"), "gate",
+                 "--tree", str(repo), "--build-cmd", f"sh {DATA / 'build.sh'}", "--inventory", inventory,
+                 *[a for s in suites for a in ("--suite", s)]]
+
+
 def measure_bisect(quick: bool, inventory: str, suites: list[str], tree: str | None) -> dict:
     reps = 2 if quick else 3
     with tempfile.TemporaryDirectory(prefix="pmufarm-bench-bisect-") as t:
         tmp = Path(t)
         repo, patches = make_five(tmp)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("FARM_", "PMUFARM_"))}
-        env.update(FARM_STATE_DIR=str(tmp / "st"), FARM_AGENT_STATE_DIR=str(tmp / "agent"))
-        if tree:
-            env["PMUFARM_TREE"] = tree
-        base = [sys.executable, "-m", "orchestrator.gate", "--reports-dir", str(tmp / "reports"), "gate",
-                "--series", str(patches), "--base", "base", "--tree", str(repo), "--build-cmd",
-                f"sh {DATA / 'build.sh'}", "--inventory", inventory, *[a for s in suites for a in ("--suite", s)]]
+        env, base = _gate_cmd(tmp, repo, inventory, suites, tree)
+        base += ["--series", str(patches), "--base", "base"]
         xs: dict[str, list[float]] = {"wall": [], "to_verdict": [], "to_first_bad": [], "builds": []}
         for i in range(reps + 1):  # sample 0 stores the baseline; the others reuse it
             out = tmp / f"out-{i}"
@@ -116,13 +123,8 @@ def measure(quick: bool, inventory: str, suites: list[str], tree: str | None) ->
     with tempfile.TemporaryDirectory(prefix="pmufarm-bench-gate-") as t:
         tmp = Path(t)
         repo, mbox = make_series(tmp)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("FARM_", "PMUFARM_"))}
-        env.update(FARM_STATE_DIR=str(tmp / "st"), FARM_AGENT_STATE_DIR=str(tmp / "agent"))
-        if tree:
-            env["PMUFARM_TREE"] = tree
-        base = [sys.executable, "-m", "orchestrator.gate", "--reports-dir", str(tmp / "reports"), "gate",
-                "--series", str(mbox), "--tree", str(repo), "--build-cmd", f"sh {DATA / 'build.sh'}",
-                "--inventory", inventory, *[a for s in suites for a in ("--suite", s)]]
+        env, base = _gate_cmd(tmp, repo, inventory, suites, tree)
+        base += ["--series", str(mbox)]
         samples: dict[str, list[float]] = {"fresh": [], "reused": []}
         phases: dict[str, list[dict]] = {"fresh": [], "reused": []}
         verdicts = set()
