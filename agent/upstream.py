@@ -136,19 +136,25 @@ def fetch_linux_source(dest: Path | None = None, package: str = LINUX_SOURCE_PAC
                 raise UpstreamError(f"{deb.name}: no /usr/src/*.tar.xz inside")
             unpacked = Path(tmp) / "tree"
             unpacked.mkdir()
-            # xz with threads is faster than Python's lzma; tar filters the members by name
-            xzcat = subprocess.Popen(["xz", "-T0", "-dc", str(xz)], stdout=subprocess.PIPE)
+            # xz with threads is faster than Python's lzma (which is the fallback); members filtered by name
+            xzcat = subprocess.Popen(["xz", "-T0", "-dc", str(xz)], stdout=subprocess.PIPE) \
+                if shutil.which("xz") else None
             try:
-                with tarfile.open(fileobj=xzcat.stdout, mode="r|") as src:
+                with (tarfile.open(fileobj=xzcat.stdout, mode="r|") if xzcat else
+                      tarfile.open(xz, mode="r|xz")) as src:
                     for member in src:
                         top = member.name.split("/", 1)[0]
                         if _wanted(member.name, top):
                             src.extract(member, unpacked, filter="tar")
+            except (tarfile.TarError, OSError, EOFError) as exc:
+                raise UpstreamError(f"{package}: unpacking {xz.name} failed: {exc}") from None
             finally:
-                xzcat.wait()
+                if xzcat:
+                    xzcat.wait()
             tops = [p for p in unpacked.iterdir() if p.is_dir()]
-            if xzcat.returncode != 0 or len(tops) != 1:
-                raise UpstreamError(f"{package}: unpacking {xz.name} failed (xz exit {xzcat.returncode})")
+            if (xzcat and xzcat.returncode != 0) or len(tops) != 1:
+                raise UpstreamError(f"{package}: unpacking {xz.name} failed "
+                                    f"(xz exit {xzcat.returncode if xzcat else '-'}, {len(tops)} top directories)")
             if dest.exists():
                 shutil.rmtree(dest)
             tops[0].rename(dest)
