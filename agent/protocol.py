@@ -305,7 +305,8 @@ PROBES: dict[str, ProbeSpec] = {p.name: p for p in [
               "is a hardware one; finding 7) preset 64 from overflow with the INT bit; LVTPC unmasked or masked",
               '"lvtpc": "unmasked"|"masked", "event": "branches", "vector": v, "interrupts": n (guest handler '
               'hits), "global_status": v, "host_vpmi_before": n or null, "host_vpmi_after": n or null, '
-              '"host_nmi_delta": n or null'),
+              '"host_nmi_delta": n or null (all CPUs), "cpu": c (the probe pins itself), "host_nmi_delta_cpu": n '
+              'or null (that CPU only: other CPUs may take exclude_guest sampling NMIs; finding 15)'),
     ProbeSpec("overflow_all", True, {},
               "overflow and PMI on every GP and fixed counter in turn (kvm-unit-tests x86/pmu.c "
               "check_counter_overflow): branches preset 64 from overflow, with and without the INT bit; after "
