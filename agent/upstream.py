@@ -355,6 +355,14 @@ def host_entry(config: Any) -> dict[str, Any]:
     return host if isinstance(host, dict) else {}
 
 
+def point_params(results: list[Any]) -> list[Any]:
+    """One ``pytest.param`` per upstream result; the id is the point's name ("::" would split a node
+    id, so it becomes ":"), which keeps re-runs by node id (the gate's flake guard) working."""
+    import pytest
+
+    return [pytest.param(r, id=r.name.replace("::", ":")) for r in results]
+
+
 def judge_setup(request: Any, result: Any) -> Any:
     """Setup half of an upstream point: an ``error`` point errors here (pytest reports an error,
     not a failure); an ``xpassed`` point gets a non-strict xfail marker so passing reports XPASS."""

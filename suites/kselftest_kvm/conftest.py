@@ -64,7 +64,7 @@ def _collect(config: pytest.Config) -> list[ktap.TapResult]:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "ktap_result" in metafunc.fixturenames:
         results = _collect(metafunc.config)
-        metafunc.parametrize("ktap_result", [pytest.param(r, id=r.name) for r in results])
+        metafunc.parametrize("ktap_result", upstream.point_params(results))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -47,7 +47,7 @@ def _collect(config: pytest.Config) -> list[ktap.TapResult]:
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "tap_result" in metafunc.fixturenames:
-        metafunc.parametrize("tap_result", [pytest.param(r, id=r.name) for r in _collect(metafunc.config)])
+        metafunc.parametrize("tap_result", upstream.point_params(_collect(metafunc.config)))
 
 
 @pytest.fixture(scope="session", autouse=True)
