@@ -722,3 +722,31 @@ def test_kvm_table_rows_by_kernel_and_detection():
     assert fc3["id"] == "fc3-follow-up" and fc3["max_fixed_counters"]["intel"] == 4
     for row in rows:
         assert all(str(v) for k, v in row.items() if k.endswith("source")), row["id"]
+
+
+@pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="/dev/kvm is not accessible")
+def test_harness_names_the_extra_blockers(tmp_path):
+    """On this PMU-less machine the harness still runs its VMs and answers every PMU probe
+    `unsupported`; with the NMI watchdog on (a crafted /proc tree) the reason names it too (finding 1)."""
+    import subprocess
+
+    from agent.drivers.kvm import NATIVE_DIR
+    from agent.protocol import PROBES
+
+    binary = NATIVE_DIR / "build" / "vpmu"
+    proc = subprocess.run(["make", "-C", str(NATIVE_DIR)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and binary.exists(), proc.stderr
+    caps = json.loads(subprocess.run([str(binary), "caps"], capture_output=True, text=True, timeout=60).stdout)
+    if caps["mediated_pmu"]["status"] == "available":
+        pytest.skip("mediated vPMU available here: the probes run for real")
+    (tmp_path / "proc/sys/kernel").mkdir(parents=True)
+    (tmp_path / "proc/sys/kernel/nmi_watchdog").write_text("1\n")
+    env = {**os.environ, "PMUFARM_SYSROOT": str(tmp_path)}
+    selftest = subprocess.run([str(binary), "run", "selftest", "iterations=10"], capture_output=True, text=True,
+                              timeout=60, env=env)
+    assert selftest.returncode == 0 and json.loads(selftest.stdout)["status"] == "ok", selftest.stdout
+    for name in [n for n, spec in PROBES.items() if spec.needs_pmu][:4]:
+        out = subprocess.run([str(binary), "run", name], capture_output=True, text=True, timeout=60, env=env)
+        result = json.loads(out.stdout)
+        assert out.returncode == 4 and result["status"] == "unsupported", (name, result)
+        assert "kernel.nmi_watchdog=1: " in result["reason"], (name, result["reason"])

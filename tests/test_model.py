@@ -556,3 +556,68 @@ def test_simulated_facts_rejects_unknown_uarch_and_fault():
         F_sim({"name": "bad", "driver": "model", "model": {"uarch": "zen4", "faults": ["nope"]}})
     with pytest.raises(ValueError, match=r"host bad: model.uarch is required"):
         F_sim({"name": "bad", "driver": "model", "model": {}})
+
+
+# --- the model's predictions for every probe, uarch and vendor, against the KVM rules ----------------
+
+
+def _sim_drivers(kvm_row: str | None = None) -> list[tuple[dict[str, Any], ModelDriver]]:
+    hosts = yaml.safe_load((REPO / "inventory" / "sim.yaml").read_text())["hosts"]
+    out = []
+    for host in hosts:
+        host = copy.deepcopy(host)
+        if kvm_row:
+            host["model"]["kvm"] = kvm_row
+        facts = F_sim(host)
+        if facts["mediated_pmu"]["status"] == "available":
+            out.append((facts, ModelDriver(host, facts)))
+    return out
+
+
+@pytest.mark.parametrize("row", ["linux-7.0", "fc3-follow-up"])
+def test_predictions_follow_the_kvm_table(row):
+    """For every simulated uarch: the guest PMU is KVM's supported one (kvm.yaml clamps), GLOBAL_CTRL /
+    RDPMC are intercepted exactly when the guest's counter counts differ from the host's (pmu.c
+    kvm_need_any_pmc_intercept), the workload is the harness loop, overflow_status gets version 4
+    (GLOBAL_STATUS_SET), and a PMU-disabled VM's CPUID is the VMM's (no PMU)."""
+    from agent.facts.tables import load_kvm
+
+    table = {r["id"]: r for r in load_kvm()}[row]
+    seen = set()
+    for facts, d in _sim_drivers(row):
+        vendor, host = facts["cpu"]["vendor"], facts["pmu"]
+        obs = d.run("guest_count").observations
+        g, path = obs["guest_pmu"], obs["kvm_path"]
+        host_fixed = host["fixed_counters"] if vendor == "intel" else 0
+        assert g["gp_counters"] == min(host["gp_counters"], table["max_gp_counters"][vendor])
+        assert g["fixed_counters"] <= table["max_fixed_counters"][vendor]
+        if vendor == "intel":
+            assert g["version"] == min(host["version"], table["version_clamp"])
+        differ = g["gp_counters"] != host["gp_counters"] or len(d.fixed) != host_fixed
+        assert path["global_ctrl"] == ("intercepted" if differ else "passthrough"), (facts["cpu"]["uarch"], path)
+        seen.add((facts["cpu"]["uarch"], path["global_ctrl"]))
+        w = obs["workload"]
+        assert (w["instructions"], w["branches"]) == (3 * 1000 + 5, 1000)
+        assert w["vm_exits"] == 1000 + (1 if differ else 0) == 1000 + w["global_ctrl_exits"]
+        if vendor == "intel":
+            assert d.run("overflow_status").observations["guest_pmu"]["version"] >= table["status_set_min_version"]
+        pd = d.run("pmu_disabled").observations
+        assert (pd["guest_pmu_version"], pd["guest_gp_counters"]) == (0, 0)
+        assert d.run("pmi").observations["event"] == "branches"
+    uarchs = {u: p for u, p in seen}
+    if row == "linux-7.0":
+        # finding 11: 4 fixed counters on SPR-class parts vs KVM's 3
+        assert uarchs["sapphirerapids"] == uarchs["graniterapids"] == "intercepted"
+    else:
+        assert uarchs["sapphirerapids"] == "passthrough"
+    assert uarchs["zen4"] == "passthrough"
+
+
+def test_emulated_overflow_raises_no_vpmi():
+    """finding 7: with GLOBAL_CTRL passed through, an instructions overflow lands on the emulated OUT,
+    which KVM counts in software (kvm.yaml emulated_insns_counted): no hardware PMI; branches always are."""
+    d = local_driver("amd")
+    assert d.path["global_ctrl"] == "passthrough"
+    assert d._overflow_is_hardware("branches") and not d._overflow_is_hardware("instructions")
+    d = local_driver("intel")
+    assert d.path["global_ctrl"] == "intercepted" and d._overflow_is_hardware("instructions")
