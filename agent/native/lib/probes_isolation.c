@@ -438,8 +438,7 @@ enum probe_status probe_unexposed(struct probe_ctx *c)
 	struct guest_cmd *fast;
 	enum probe_status ret = PROBE_OK;
 	int n = 0, gp = p->gp, m = p->fixed;
-	bool full_width = l != &intel_layout || (p->pdcm && (c->caps->perf_capabilities < 0 ||
-					       (c->caps->perf_capabilities & PERF_CAP_FW_WRITES)));
+	bool full_width = probe_full_width(c);   /* the guest's PERF_CAPABILITIES, not the host's */
 	static const char *const ops[] = { "rdmsr", "wrmsr" };
 	struct vcpu *v;
 	struct vm vm;
