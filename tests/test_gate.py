@@ -404,7 +404,8 @@ def test_garbage_series_is_one_line_exit_2(kernel: Kernel, env: dict[str, str], 
     (tmp_path / "mail.eml").write_text("From: Dev <dev@example.org>\nSubject: lunch?\n\nnoon?\n")
     (tmp_path / "empty").mkdir()
     cases = {"notes.txt": "not a patch", "bare.diff": "not a patch", "mail.eml": "not a patch",
-             "empty": "no *.patch files", "base..base": "no commits"}
+             "empty": "no *.patch files", "base..base": "no commits", "missing.patch": "no such file",
+             "base..no-such-branch": "not a range"}
     for name, why in cases.items():
         spec = name if ".." in name else str(tmp_path / name)
         r, report, _ = run_gate(kernel, env, spec, tmp_path / f"out-{name}")

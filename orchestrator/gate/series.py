@@ -287,7 +287,8 @@ def _intake_range(spec: str, tree: Path, workdir: Path) -> Series:
     for ref in (base_ref, head_ref):
         proc = _git(tree, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}")
         if proc.returncode != 0:
-            raise GateError(2, "input-error", f"range {spec}: {ref} is not a commit in {tree}")
+            raise GateError(2, "input-error", f"--series {spec}: no such file, and not a range of {tree} "
+                                              f"({ref} is not a commit there)")
         shas.append(proc.stdout.strip())
     if _git(tree, "rev-list", "--merges", spec).stdout.strip():
         raise GateError(2, "input-error", f"range {spec}: holds merge commits (a series is a line of patches)")
