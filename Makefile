@@ -9,7 +9,7 @@ ifeq ($(origin PYTHON),undefined)
 PYTHON := $(shell $(BASE_PYTHON) -c 'import os, sys, sysconfig; print("$(VENV)/bin/python" if sys.prefix == sys.base_prefix and os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")) else "$(BASE_PYTHON)")')
 endif
 APT_PACKAGES ?= chromium cpuid busybox-static qemu-system-x86 openssh-server iproute2 redis-server linux-perf \
-	dropbear-bin kexec-tools cpio openssh-sftp-server
+	dropbear-bin kexec-tools cpio openssh-sftp-server libcapstone-dev
 
 .PHONY: setup native test lint bench clean kselftest-tree
 

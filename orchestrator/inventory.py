@@ -27,6 +27,14 @@ class ModelSpec(BaseModel):
     stepping: int | None = None
 
 
+class EmulatedSpec(BaseModel):
+    """``driver: emulated``: the real harness with the PMU emulated in the VMM (agent/drivers/emulated.py)."""
+    model_config = ConfigDict(extra="forbid")
+    layout: str
+    errata: list[str] | None = None
+    faults: list[str] = Field(default_factory=list)
+
+
 class Host(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=NAME_PATTERN)
@@ -34,8 +42,9 @@ class Host(BaseModel):
     user: str | None = None
     port: int | None = Field(default=None, ge=1, le=65535)
     labels: dict[str, str] = Field(default_factory=dict)
-    driver: Literal["kvm", "model"] = "kvm"
+    driver: Literal["kvm", "model", "emulated"] = "kvm"
     model: ModelSpec | None = None
+    emulated: EmulatedSpec | None = None
     provision: Literal["none", "kexec", "reboot"] = "none"
     cpu: dict[str, Any] | None = None
     # upstream suites (agent/upstream.py): a kernel tree for suites/kselftest_kvm, a kvm-unit-tests checkout
@@ -118,6 +127,8 @@ def load_file(path: Path) -> list[Host]:
             raise InventoryError(f"{path}: {label}: field 'model': required field is missing for driver model")
         if host.model is not None:
             _check_model(path, label, host.model)
+        if host.driver == "emulated" and host.emulated is None:
+            raise InventoryError(f"{path}: {label}: field 'emulated': required field is missing for driver emulated")
         host.source = str(path)
         hosts.append(host)
     return hosts

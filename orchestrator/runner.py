@@ -99,7 +99,8 @@ def execute_run(store: Store, state_dir: Path, hosts: list[Host], suites: list[s
     interrupted = False
     try:
         if not broker:
-            farm = LocalFarm(state_dir, [h.name for h in hosts if h.driver == "kvm"],
+            # emulated hosts run the real harness (real VMs): one worker each, like kvm hosts
+            farm = LocalFarm(state_dir, [h.name for h in hosts if h.driver in ("kvm", "emulated")],
                              [h.name for h in hosts if h.driver == "model"])
             farm.__enter__()
             broker = farm.redis.url

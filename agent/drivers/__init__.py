@@ -27,8 +27,12 @@ def make_driver(host: dict[str, Any], facts: dict[str, Any]) -> Driver:
         from agent.drivers.model import ModelDriver
 
         return ModelDriver(host, facts)
+    if kind == "emulated":
+        from agent.drivers.emulated import EmulatedDriver
+
+        return EmulatedDriver(host, facts)
     if kind == "guest":
         from agent.drivers.guest import GuestDriver
 
         return GuestDriver(facts)
-    raise ValueError(f"host {host.get('name', '?')}: unknown driver {kind!r} (known: kvm, model, guest)")
+    raise ValueError(f"host {host.get('name', '?')}: unknown driver {kind!r} (known: kvm, model, emulated, guest)")
