@@ -99,12 +99,12 @@ def worker(hosts: tuple[str, ...], concurrency: int, publish_facts: bool, loglev
     def _ready(**_: object) -> None:
         for h in hosts:
             heartbeat.set_busy(app.conf.broker_url, h, None)  # a previous life of this agent may have died busy
+        beat.start()  # first: the local farm waits for this beat before it sends the job
         if publish_facts:
             from agent.facts import collect_facts
 
             for h in hosts:
                 heartbeat.publish_facts(app.conf.broker_url, h, collect_facts())
-        beat.start()
 
     @signals.worker_process_init.connect(weak=False)
     def _child(**_: object) -> None:
@@ -115,6 +115,8 @@ def worker(hosts: tuple[str, ...], concurrency: int, publish_facts: bool, loglev
     @signals.worker_shutdown.connect(weak=False)
     def _shutdown(**_: object) -> None:
         beat.stop_event.set()
+
+    import agent.facts  # noqa: F401 - before the pool forks: its process then probes facts without importing them
 
     queues = ",".join(host_queue(h) for h in hosts)
     app.worker_main(["worker", "-Q", queues, "-n", node, "--pool", "prefork",

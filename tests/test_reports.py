@@ -612,3 +612,16 @@ def test_matrix_readable_at_1400px(tmp_path):
     shot = _chromium([f"--screenshot={png}", "--window-size=1400,900", (tmp_path / "matrix.html").as_uri()], tmp_path)
     assert shot.returncode == 0 and png.exists() and png.stat().st_size > 10_000, shot.stderr[-2000:]
     shutil.copy(png, Path("/tmp/pmufarm-matrix-farm.png"))  # for a human look
+
+
+def test_kcidb_schema_version_cached_per_kcidb_io_version(tmp_path, monkeypatch):
+    """The version written into kcidb.json is the installed kcidb-io's, cached so a run skips its import."""
+    from kcidb_io.schema import LATEST
+
+    from orchestrator.reports.kcidb import schema_version
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert schema_version() == (LATEST.major, LATEST.minor)
+    cached = json.loads((tmp_path / "pmufarm" / "kcidb-schema.json").read_text())
+    assert list(cached.values()) == [[LATEST.major, LATEST.minor]]
+    assert schema_version() == (LATEST.major, LATEST.minor)

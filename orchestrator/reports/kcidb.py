@@ -38,9 +38,12 @@ inventory entry says they are simulated.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import re
 from collections.abc import Iterable, Mapping
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from .naming import (
@@ -72,7 +75,28 @@ _EXCERPT = 16000
 
 
 def schema_version() -> tuple[int, int]:
+    """The installed kcidb-io's latest schema version. Importing kcidb_io (jsonschema) costs ~0.1-0.2 s, a
+    tenth of a local submit: the answer is cached per installed kcidb-io version."""
+    import importlib.metadata
+    import os
+
+    try:
+        dist = importlib.metadata.version("kcidb-io")
+    except importlib.metadata.PackageNotFoundError:
+        dist = None
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pmufarm" / "kcidb-schema.json"
+    if dist:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            major, minor = json.loads(cache.read_text())[dist]
+            return int(major), int(minor)
     from kcidb_io.schema import LATEST
+
+    if dist:
+        with contextlib.suppress(OSError):
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({dist: [LATEST.major, LATEST.minor]}))
+            os.replace(tmp, cache)
     return LATEST.major, LATEST.minor
 
 
