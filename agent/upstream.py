@@ -355,6 +355,16 @@ def host_entry(config: Any) -> dict[str, Any]:
     return host if isinstance(host, dict) else {}
 
 
+def not_real_kvm(host: dict[str, Any], suite: str) -> str | None:
+    """Upstream tests drive the host's real KVM: on a host whose driver is not ``kvm`` (simulated
+    ``model``, VMM-``emulated``) they would report this machine under that host's name."""
+    driver = host.get("driver", "kvm")
+    if driver == "kvm":
+        return None
+    return (f"suites/{suite} runs upstream tests against the host's real KVM; host {host.get('name', '?')} "
+            f"uses driver {driver}, which they cannot run on")
+
+
 def point_params(results: list[Any]) -> list[Any]:
     """One ``pytest.param`` per upstream result; the id is the point's name ("::" would split a node
     id, so it becomes ":"), which keeps re-runs by node id (the gate's flake guard) working."""

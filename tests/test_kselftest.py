@@ -128,3 +128,11 @@ def test_a_tree_whose_selftests_do_not_build_is_an_error_with_makes_words(tmp_pa
     [row] = doc["tests"]
     assert row["outcome"] == "error" and "broken by the patch" in row["message"], row
     assert "PMUFARM_KERNEL_TREE" in row["message"]
+
+
+def test_a_simulated_host_does_not_run_upstream_tests(tmp_path: Path):
+    """A ``model`` host owns no KVM: the selftests would report this machine under its name."""
+    hostfile = tmp_path / "host.json"
+    hostfile.write_text(json.dumps({"host": {"name": "sim-zen4", "driver": "model", "model": {"uarch": "zen4"}}}))
+    [row] = _suite(tmp_path, f"--pmufarm-host={hostfile}")["tests"]
+    assert row["outcome"] == "skipped" and "driver model" in row["message"] and "sim-zen4" in row["message"]

@@ -33,8 +33,12 @@ def _collect(config: pytest.Config) -> list[ktap.TapResult]:
     info: dict[str, Any] = {}
     config.stash[_TREE] = info
     results: list[ktap.TapResult] = []
-    path, where = upstream.first_source(config.getoption("kernel_tree"), "PMUFARM_KERNEL_TREE",
-                                        upstream.host_entry(config), "kernel_tree")
+    host = upstream.host_entry(config)
+    refused = upstream.not_real_kvm(host, "kselftest_kvm")
+    if refused:
+        config.stash[_RESULTS] = [ktap.TapResult("(host)", "skipped", refused)]
+        return config.stash[_RESULTS]
+    path, where = upstream.first_source(config.getoption("kernel_tree"), "PMUFARM_KERNEL_TREE", host, "kernel_tree")
     try:
         if path is None:
             where = f"Debian {upstream.LINUX_SOURCE_PACKAGE} (none given: {where})"

@@ -30,9 +30,13 @@ def _collect(config: pytest.Config) -> list[ktap.TapResult]:
     if _RESULTS not in config.stash:
         info: dict[str, Any] = {}
         config.stash[_SOURCE] = info
+        host = upstream.host_entry(config)
+        refused = upstream.not_real_kvm(host, "kvm_unit_tests")
         path, where = upstream.first_source(config.getoption("kvm_unit_tests"), "PMUFARM_KVM_UNIT_TESTS",
-                                            upstream.host_entry(config), "kvm_unit_tests")
-        if path is None:
+                                            host, "kvm_unit_tests")
+        if refused:
+            results = [ktap.TapResult("(host)", "skipped", refused)]
+        elif path is None:
             results = [ktap.TapResult("(checkout)", "skipped", f"no kvm-unit-tests checkout: {where}")]
         else:
             info.update(kvm_unit_tests=path, kvm_unit_tests_from=where)
