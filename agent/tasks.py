@@ -337,7 +337,7 @@ def _wait_or_stop(proc: Any, timeout: float, stopped: Callable[[], bool] | None)
 
 @shared_task(name=RUN_SUITE, bind=True)
 def run_suite(self: Any, host: dict[str, Any], suite: str, run_id: str, attempt: int = 1,
-              timeout: float = 3600, only: list[str] | None = None) -> dict[str, Any]:
+              timeout: float = 3600, only: list[str] | None = None, token: str | None = None) -> dict[str, Any]:
     # The worker's pid ties this job to one life of the agent: a restarted agent has another.
     # since_bts: the broker's clock at the start; the orchestrator counts liveness from it (never wall clocks).
     broker = self.app.conf.broker_url
@@ -375,7 +375,9 @@ def run_suite(self: Any, host: dict[str, Any], suite: str, run_id: str, attempt:
     counts: dict[str, int] = {}
     for t in job.get("tests") or ():
         counts[t.get("outcome")] = counts.get(t.get("outcome"), 0) + 1
-    return {"host": job.get("host"), "suite": job.get("suite"), "status": job.get("status"), "counts": counts, **job}
+    # token echoed: the orchestrator refuses a result that does not carry the one it sent with the job.
+    return {"host": job.get("host"), "suite": job.get("suite"), "status": job.get("status"), "counts": counts, **job,
+            "token": token}
 
 
 def _busy(broker: str, host: Any, job: dict[str, Any] | None) -> None:

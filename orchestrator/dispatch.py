@@ -50,6 +50,7 @@ class Pending:
     started_at: float | None = None
     progress: dict[str, Any] = field(default_factory=dict)
     status: str = "queued"
+    token: str | None = None  # echoed by the agent in its result: binds the result to this job
 
 
 class BrokerLost(RuntimeError):
@@ -75,15 +76,16 @@ class Dispatcher:
              job_id: int | None = None) -> Pending:
         # The task id is stored before the message leaves: an orchestrator dying in between leaves a job
         # `status --wait` can follow (or send), never one whose task nobody can name.
-        task_id = uuid()
+        task_id, token = uuid(), secrets.token_hex(16)
         if job_id is None:
-            job_id = self.store.add_job(self.run_id, host.entry(), suite, attempt, task_id)
+            job_id = self.store.add_job(self.run_id, host.entry(), suite, attempt, task_id, token)
         else:
-            self.store.set_task(job_id, task_id)
+            self.store.set_task(job_id, task_id, token)
         res = self.app.send_task(RUN_SUITE, kwargs={"host": host.entry(), "suite": suite, "run_id": self.run_id,
-                                                    "attempt": attempt, "timeout": self.timeout, "only": only},
+                                                    "attempt": attempt, "timeout": self.timeout, "only": only,
+                                                    "token": token},
                                  queue=host_queue(host.name), expires=self.expires, task_id=task_id)
-        p = Pending(job_id, host, suite, attempt, res, time.monotonic(), only)
+        p = Pending(job_id, host, suite, attempt, res, time.monotonic(), only, token=token)
         self.pending.append(p)
         return p
 
@@ -234,6 +236,12 @@ class Dispatcher:
         retry = False
         if state == "SUCCESS":
             job = p.result.result
+            if p.token and (not isinstance(job, dict) or not secrets.compare_digest(str(job.get("token")), p.token)):
+                # Anyone with broker access can write a result key; only the agent that got the job knows this.
+                why = (f"result refused: it does not carry the token sent with job {p.job_id} "
+                       f"({p.host.name} {p.suite} attempt {p.attempt}); forged or from another job")
+                print(f"orchestrator: {why}", file=sys.stderr, flush=True)
+                job = self._infra(p, why)
         elif state == "FAILURE":
             err = p.result.result
             lost = type(err).__name__ in ("WorkerLostError", "TimeLimitExceeded")

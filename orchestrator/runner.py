@@ -207,7 +207,7 @@ def resume_run(store: Store, run_id: str, wait: bool, opts: RunOptions | None = 
             continue
         # Unknown queue age after a restart: the expiry window starts again now.
         p = dispatch.Pending(j["id"], host, j["suite"], j["attempt"],
-                             AsyncResult(j["task_id"], app=app), time.monotonic())
+                             AsyncResult(j["task_id"], app=app), time.monotonic(), token=j.get("token"))
         if j["status"] == "running":
             p.status, p.started_at = "running", p.queued_at
         d.pending.append(p)

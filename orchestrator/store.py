@@ -41,6 +41,8 @@ RESULT_KEYS = ("nodeid", "suite", "name", "classname", "outcome", "duration", "m
                "subject")
 # details: a failure's traceback (JUnit body); subject: 0 for harness tests (their pass alone is no verdict).
 RESULT_COLUMNS = {"details": "TEXT", "subject": "INTEGER"}
+# token: the per-job secret the agent echoes; a result without it was not produced for the job we sent.
+JOB_COLUMNS = {"token": "TEXT"}
 
 
 class StoreError(RuntimeError):
@@ -90,6 +92,10 @@ class Store:
         for col, decl in HOST_COLUMNS.items():
             if col not in have:
                 self.db.execute(f"ALTER TABLE hosts ADD COLUMN {col} {decl}")
+        have = {r["name"] for r in self.db.execute("PRAGMA table_info(jobs)")}
+        for col, decl in JOB_COLUMNS.items():
+            if col not in have:
+                self.db.execute(f"ALTER TABLE jobs ADD COLUMN {col} {decl}")
         have = {r["name"] for r in self.db.execute("PRAGMA table_info(results)")}
         for col, decl in RESULT_COLUMNS.items():
             if col not in have:
@@ -139,17 +145,17 @@ class Store:
 
     # jobs -------------------------------------------------------------------------------------------
     def add_job(self, run_id: str, host: dict[str, Any], suite: str, attempt: int = 1,
-                task_id: str | None = None) -> int:
+                task_id: str | None = None, token: str | None = None) -> int:
         """A queued job; with ``task_id`` (chosen before sending) a crash can never leave a sent job untracked."""
         with self.tx() as db:
-            cur = db.execute("INSERT INTO jobs(run_id, host, suite, attempt, status, host_entry, queued, task_id) "
-                             "VALUES (?,?,?,?,?,?,?,?)",
-                             (run_id, host["name"], suite, attempt, "queued", json.dumps(host), now(), task_id))
+            cur = db.execute("INSERT INTO jobs(run_id, host, suite, attempt, status, host_entry, queued, task_id, "
+                             "token) VALUES (?,?,?,?,?,?,?,?,?)",
+                             (run_id, host["name"], suite, attempt, "queued", json.dumps(host), now(), task_id, token))
             return int(cur.lastrowid or 0)
 
-    def set_task(self, job_id: int, task_id: str) -> None:
+    def set_task(self, job_id: int, task_id: str, token: str | None = None) -> None:
         with self.tx() as db:
-            db.execute("UPDATE jobs SET task_id=? WHERE id=?", (task_id, job_id))
+            db.execute("UPDATE jobs SET task_id=?, token=? WHERE id=?", (task_id, token, job_id))
 
     def mark_running(self, job_id: int) -> None:
         with self.tx() as db:

@@ -340,3 +340,29 @@ def test_wedge_seen_under_the_farm_acl(tmp_path: Path) -> None:
         server.stop()
     assert proc.returncode == 3, out
     assert "stopped heartbeating" in db(env, "SELECT log_tail FROM jobs WHERE suite='slow'")[0][0], out
+
+
+def test_forged_result_is_refused(tmp_path: Path, broker: RedisServer, env: dict[str, str]) -> None:
+    """Anyone holding the broker password can write a task's result key. A passing result set written for a
+    queued job by someone other than the agent that got the job is refused and logged, never stored as a pass."""
+    from agent.celery_app import make_app
+
+    mark_good(env, ["victim"])
+    proc = submit_bg(env, "--reports-dir", str(tmp_path / "r"), "submit", "suites/smoke", "--inventory",
+                     str(inventory(tmp_path, ["victim"])), "--expires", "60")  # no agent: the job stays queued
+    try:
+        task_id = wait_for(lambda: (db(env, "SELECT task_id FROM jobs WHERE suite='smoke'") or [(None,)])[0][0],
+                           60, "the job to be queued", proc)
+        forger = make_app(env["FARM_BROKER_URL"])
+        forged = {"host": "victim", "suite": "smoke", "status": "passed", "exit_code": 0, "facts": {},
+                  "tests": [{"nodeid": "suites/smoke/test_x.py::test_ok", "outcome": "passed"}], "log_tail": ""}
+        forger.backend.store_result(task_id, forged, "SUCCESS")
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 3, out
+    assert "result refused" in out, out
+    (status, tail), = db(env, "SELECT status, log_tail FROM jobs WHERE suite='smoke'")
+    assert status == "infra_error" and "does not carry the token" in tail
+    assert db(env, "SELECT COUNT(*) FROM results") == [(0,)]
