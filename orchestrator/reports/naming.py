@@ -138,16 +138,20 @@ _VENDOR_ORDER = {"intel": 0, "amd": 1}
 _MICROARCH_TABLE = Path(__file__).resolve().parents[2] / "inventory" / "microarch.yaml"
 
 
+_TABLE_ID = re.compile(r"^- id:\s*([A-Za-z0-9_.-]+)", re.M)
+
+
 @lru_cache(maxsize=1)
 def _generation_rank() -> dict[str, int]:
-    """uarch id -> its position in inventory/microarch.yaml, which lists each vendor's parts oldest first."""
-    import yaml
+    """uarch id -> its position in inventory/microarch.yaml, which lists each vendor's parts oldest first.
 
+    Only the order of the top-level ``- id:`` lines is needed: a regex reads it in a millisecond, where
+    parsing the whole table with PyYAML costs a quarter of a second on every report."""
     try:
-        rows = yaml.safe_load(_MICROARCH_TABLE.read_text()) or []
-    except (OSError, yaml.YAMLError):
+        ids = _TABLE_ID.findall(_MICROARCH_TABLE.read_text())
+    except OSError:
         return {}
-    return {str(r["id"]): i for i, r in enumerate(rows) if isinstance(r, dict) and r.get("id")}
+    return {uarch: i for i, uarch in enumerate(ids)}
 
 
 def cpu_order(cpu: CpuId) -> tuple:
