@@ -415,6 +415,28 @@ def test_garbage_series_is_one_line_exit_2(kernel: Kernel, env: dict[str, str], 
         assert report["verdict"] == "input-error"
 
 
+def test_bisect_leaves_out_hosts_with_a_fixed_kernel(tmp_path: Path) -> None:
+    """A provision: none host runs the same kernel at every step: bisecting there would blame patch 1."""
+    from orchestrator.gate.bisect import bisect
+    from orchestrator.gate.series import Patch, Series
+    from orchestrator.gate.verdict import Item, render_markdown
+    from orchestrator.inventory import Host
+    from orchestrator.runner import RunOptions
+
+    series = Series("s", tmp_path / "s.mbx", "subj", [Patch(i, f"p{i}", "0" * 64, tmp_path) for i in (1, 2, 3)], None)
+    item = Item("regression", "cls", "zen4", "real-1", "s", "suites/s/test_x.py::t", "passed", "failed")
+
+    def never(*_: object) -> str:
+        raise AssertionError("nothing may be built or run")
+
+    b = bisect(series, ["a", "b", "c"], tmp_path, [item], [Host(name="real-1", address="10.0.0.1")], 2, never,
+               never, None, RunOptions(), never, lambda _m: None)
+    assert b["first_bad"] is None and b["builds"] == 0
+    assert "real-1" in b["message"] and "provision: none" in b["message"]
+    md = render_markdown({"verdict": "regression", "exit_code": 1, "series": {"patch_count": 3}, "bisect": b})
+    assert "fixed kernel" in section(md, "First bad patch")
+
+
 def test_bisect_search_is_logarithmic() -> None:
     import math
 

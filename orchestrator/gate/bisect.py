@@ -7,7 +7,8 @@ the candidate's worktree (an incremental build, as ``git bisect`` would), builds
 **only the hosts that regressed** and runs **only the regressed tests** there. A test that fails at
 a step is re-run up to ``--reruns`` times, like the verdict's flake guard: a passing re-run makes it
 pass at that step. A step is bad when any regressed test fails (or skips / goes missing: coverage
-lost, as in the verdict table) on any of its hosts.
+lost, as in the verdict table) on any of its hosts. Hosts with ``provision: none`` run the same
+kernel at every step and are left out (gate.md says so).
 
 A commit that does not build is skipped (``git bisect skip``): the search tries its neighbours, and
 when every remaining commit is untestable the result is a range of patches. An infrastructure
@@ -73,6 +74,15 @@ def bisect(series: Series, commits: list[str], worktree: Path, regressions: list
            echo: Any) -> dict[str, Any]:
     """Find the first bad patch; returns the ``bisect`` section of gate.json."""
     n = series.count
+    # Only a host whose kernel follows the commit can tell patches apart: simulated hosts (the tree's
+    # pmufarm-sim.yaml) and kexec/reboot hosts. A provision: none host runs the same kernel at every step.
+    follows = {h.name for h in hosts if h.driver == "model" or h.provision != "none"}
+    fixed = sorted({i.host for i in regressions} - follows)
+    regressions = [i for i in regressions if i.host in follows]
+    if not regressions:
+        return {"steps": [], "builds": 0, "seconds": 0.0, "first_bad": None, "range": [1, n],
+                "message": f"not bisected: the hosts that regressed ({', '.join(fixed)}) run a fixed kernel "
+                           "(provision: none), so no patch can be told apart there"}
     names = {i.host for i in regressions}
     failing_hosts = [h for h in hosts if h.name in names]
     steps: list[Step] = []
@@ -109,6 +119,8 @@ def bisect(series: Series, commits: list[str], worktree: Path, regressions: list
     else:
         out["message"] = f"patches {good + 1}..{bad - 1} do not build: the first bad patch is one of {good + 1}..{bad}"
     out["range"] = [good + 1, bad]
+    if fixed:
+        out["message"] += f" (not bisected on {', '.join(fixed)}: provision none, a fixed kernel)"
     return out
 
 

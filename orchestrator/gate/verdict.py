@@ -299,6 +299,8 @@ def _bisect_lines(b: dict[str, Any] | None, total: Any) -> list[str]:
         lines += [f"- `{_cell(t)}`" for t in bad["tests"]]
     else:
         lines.append(_cell(b.get("message") or "not found"))
+    if not b.get("steps"):
+        return lines + [""]
     lines += ["", f"Bisection: {b.get('builds', 0)} build(s) in {b.get('seconds', 0)}s, regressed tests only, "
                   "on the hosts that regressed:", "", "| patch | commit | result | detail |", "|---|---|---|---|"]
     for st in b.get("steps") or []:
