@@ -34,11 +34,24 @@ def test_pmi_unmasked(probe, check):
     elif check == "status-bit-set":
         assert obs["global_status"] & 1, f"GLOBAL_STATUS {obs['global_status']:#x} lacks the overflowed counter 0"
     elif check == "host-vpmi-advances":
+        # finding 7: an overflow on an instruction KVM emulates (the loop's OUT) is a software increment
+        # (kvm_pmu_incr_counter -> KVM_REQ_PMI), no hardware PMI; branches are never emulated here, and
+        # with GLOBAL_CTRL intercepted KVM's software count of the enabling WRMSR moves the wrap to the JNZ.
+        path = (obs.get("kvm_path") or {}).get("global_ctrl")
+        if obs.get("event", "instructions") == "instructions" and path != "intercepted":
+            pytest.skip("the overflowing increment is KVM's software one for the emulated OUT: no VPMI expected")
         delta = _vpmi_delta(obs)
         assert delta >= 1, f"host VPMI count moved by {delta}: the PMI did not arrive on vector 0xf5"
     else:
         if obs["host_nmi_delta"] is None:
             pytest.skip("host NMI count not observed (host_nmi_delta null)")
+        # finding 15: the NMI count is summed over all CPUs, and exclude_guest sampling elsewhere is
+        # allowed next to a mediated VM; the masked run raises no PMI at all, so NMIs there are
+        # background and make an unmasked NMI unattributable.
+        background = probe("pmi", lvtpc="masked").observations["host_nmi_delta"]
+        if background:
+            pytest.skip(f"{background} host NMIs arrived without any guest PMI (masked run): other NMI "
+                        "sources on this host make the check unattributable")
         assert obs["host_nmi_delta"] == 0, \
             f"{obs['host_nmi_delta']} host NMIs during the guest overflow: guest LVTPC not loaded"
 
