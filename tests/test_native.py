@@ -434,3 +434,24 @@ def test_kvm_exit_count_covers_every_exit_userspace_saw(vpmu: Path) -> None:
     ticks = work["vm_exits"] - work["global_ctrl_exits"]
     assert ticks == 40
     assert work["kvm_exits"] is not None and work["kvm_exits"] >= ticks + 1   # + the batch's PORT_DONE
+
+
+# The slow ones (many batches) have tests of their own above or in the suites.
+_EMULATED_SKIP = {"arch_events", "filter_fixed_bitmap", "overflow_all"}
+_SMALL = {"iterations": "20", "rounds": "5"}
+
+
+def test_every_pmu_probe_runs_on_a_working_pmu(vpmu: Path) -> None:
+    """On the emulated Intel PMU (a PMU that counts), every probe answers ok -- or unsupported with
+    the fact that rules it out -- with the observation keys the catalogue documents."""
+    for name, spec in PROBES.items():
+        if not spec.needs_pmu or name in _EMULATED_SKIP:
+            continue
+        args = [f"{k}={_SMALL[k]}" for k in spec.params if k in _SMALL]
+        rc, result, _ = run(vpmu, *EMULATED_INTEL, "run", name, *args)
+        assert result["status"] in ("ok", "unsupported"), (name, result["reason"])
+        if result["status"] == "unsupported":
+            assert rc == 4 and result["reason"], name
+            continue
+        for key in _observation_keys(name):
+            assert key in result["observations"], (name, key)

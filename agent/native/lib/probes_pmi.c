@@ -206,7 +206,8 @@ enum probe_status probe_overflow_all(struct probe_ctx *c)
 			}
 			batch_add(v, OP_STI, 0, 0, 0, 0, 0);
 			g_measure(c, v, gp ? 1ULL << idx : 1ULL << (32 + idx), 1000, false);
-			batch_add(v, OP_SPIN, 100000, 0, 0, 0, 0);
+			/* An interrupt window: the PMI exits the guest at once and is injected on re-entry. */
+			batch_add(v, OP_SPIN, 20000, 0, 0, 0, 0);
 			batch_add(v, OP_CLI, 0, 0, 0, 0, 0);
 			cnt = g_rdmsr(v, gp ? pmu_ctr_msr(l, idx) : ctr);
 			st = g_rdmsr(v, l->global_status);
