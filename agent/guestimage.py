@@ -7,6 +7,9 @@ The image is built by the agent itself, from what the host has:
   (``agent/native/guest``), a ``/dev/console`` node and an ``/init`` script that runs the workload
   and prints its JSON between markers on the serial console, then reboots (QEMU runs with
   ``-no-reboot``, so the reboot ends QEMU);
+* with ``with_perf=True``, a second image: the host's ``perf`` (Debian ``linux-perf``) and every
+  library ``ldd`` lists for it, uncompressed, whose init (:data:`PERF_INIT_SCRIPT`) runs perf stat,
+  perf record and perf test and prints each command's output between SECTION markers;
 * a kernel: ``kernel=`` argument, env ``PMUFARM_GUEST_KERNEL``, the host's ``/boot/vmlinuz-*``, or
   one fetched into the cache by :func:`fetch_debian_kernel` (Debian ``linux-image-amd64``: the
   package is downloaded with ``apt-get download`` and only ``/boot/vmlinuz-*`` is extracted;

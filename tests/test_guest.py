@@ -372,3 +372,14 @@ def test_perf_record_samples_parsed():
     rec = parse_perf_record({"rc": 0, "output": line})
     assert rec["samples"] == 74 and rec["rc"] == 0
     assert parse_perf_record(None)["samples"] is None
+
+
+def test_sections_of_a_guest_that_died_mid_command():
+    """The perf image's console: a finished section has its rc; one the guest died in has rc None."""
+    run = guestimage.GuestRun(accel="tcg", console="\n".join([
+        "PMUFARM-READY", f"{guestimage.MARK_SECTION_BEGIN} stat", "1,,instructions:u,1,100.00,,",
+        f"{guestimage.MARK_SECTION_END} stat rc=0", f"{guestimage.MARK_SECTION_BEGIN} test",
+        "  1: vmlinux symtab matches kallsyms : Skip", "Kernel panic - not syncing"]))
+    guestimage._parse_sections(run)
+    assert run.sections["stat"] == {"rc": 0, "output": "1,,instructions:u,1,100.00,,"}
+    assert run.sections["test"]["rc"] is None and "Kernel panic" in run.sections["test"]["output"]
