@@ -351,8 +351,10 @@ class GuestDriver:
         if top:
             obs["record_sw"].update(top_percent=float(top[0].rstrip("%")), top_symbol=top[-1])
         obs["host_stat"] = self._host_perf_stat(iterations)
-        if run.error:
-            return "error", f"guest ({run.accel}) {run.error}", obs
+        missing = [n for n in ("version", "stat", "record_hw", "record_sw", "report_sw")
+                   if (sec.get(n) or {}).get("rc") is None]
+        if missing:  # a later crash (say in perf test) does not void what these commands printed
+            return "error", f"guest ({run.accel}) did not finish {', '.join(missing)}: {run.error}", obs
         return "ok", "", obs
 
     def _host_perf_stat(self, iterations: int) -> dict[str, Any]:
