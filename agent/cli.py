@@ -118,10 +118,27 @@ def worker(hosts: tuple[str, ...], concurrency: int, publish_facts: bool, loglev
 
     import agent.facts  # noqa: F401 - before the pool forks: its process then probes facts without importing them
 
+    _restrict_remote_control()
     queues = ",".join(host_queue(h) for h in hosts)
     app.worker_main(["worker", "-Q", queues, "-n", node, "--pool", "prefork",
                      "-c", str(concurrency), "-l", loglevel, "--without-mingle", "--without-gossip",
                      *(["-E"] if events else [])])
+
+# Read-only remote control commands an agent answers: deploy checks a worker with ping and active_queues.
+REMOTE_INSPECT = ("ping", "active_queues", "active", "reserved", "scheduled", "registered", "clock")
+
+
+def _restrict_remote_control() -> None:
+    """Anyone holding the broker password can broadcast Celery control commands; an agent answers only the
+    read-only ones above (no shutdown, no add/cancel_consumer, no revoke/terminate, no conf or memdump),
+    unless FARM_REMOTE_CONTROL=1 on the agent enables them all."""
+    if os.environ.get("FARM_REMOTE_CONTROL") == "1":
+        return
+    from celery.worker import control
+
+    for name in [n for n in control.Panel.data if n not in REMOTE_INSPECT]:
+        del control.Panel.data[name]
+
 
 if __name__ == "__main__":
     main()

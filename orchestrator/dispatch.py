@@ -280,7 +280,7 @@ class Dispatcher:
             if job is None:
                 return changed
         elif time.monotonic() - p.queued_at > self.expires:
-            p.result.revoke()
+            self._stop(p)
             job = self._infra(p, f"job expired: no agent took it within {self.expires:g}s "
                                  f"(host {p.host.name} offline?)")
         else:
@@ -310,9 +310,9 @@ class Dispatcher:
                 self.send(p.host, p.suite, p.attempt + 1, p.only)
 
     def _stop(self, p: Pending) -> None:
-        """Give an attempt up for good: the agent's task polls this key and kills its suite, so a job judged
-        lost never runs on beside its retry (Celery's revoke cannot reach agents without remote control)."""
-        p.result.revoke()  # still stops a message no worker has taken yet
+        """Give an attempt up for good: the agent's task polls this key and kills its suite (or does not start
+        it), so a job judged lost never runs beside its retry. Not Celery's revoke: agents refuse remote control
+        (agent/cli.py), and a broadcast reaches only the workers up at that moment."""
         try:
             if self._redis is None:
                 self._redis = redis_from_url(self.app.conf.broker_url)

@@ -366,3 +366,29 @@ def test_forged_result_is_refused(tmp_path: Path, broker: RedisServer, env: dict
     (status, tail), = db(env, "SELECT status, log_tail FROM jobs WHERE suite='smoke'")
     assert status == "infra_error" and "does not carry the token" in tail
     assert db(env, "SELECT COUNT(*) FROM results") == [(0,)]
+
+
+def test_remote_control_refused_unless_enabled(tmp_path: Path, broker: RedisServer, env: dict[str, str]) -> None:
+    """A broker-password holder broadcasts `shutdown` and `add_consumer`: the agent ignores both (it answers
+    ping/active_queues only), unless FARM_REMOTE_CONTROL=1 on the agent enables remote control."""
+    from agent.celery_app import make_app
+
+    app = make_app(env["FARM_BROKER_URL"])
+    worker = start_worker(env, ["ctl"], tmp_path / "logs")
+    try:
+        wait_for(lambda: app.control.ping(destination=[worker.node], timeout=0.5), 60, "the worker to answer ping")
+        app.control.add_consumer("host.elsewhere", destination=[worker.node])
+        app.control.shutdown(destination=[worker.node])
+        time.sleep(3)
+        assert worker.alive(), "a remote shutdown stopped the agent"
+        queues = app.control.inspect(destination=[worker.node], timeout=2).active_queues() or {}
+        assert [q["name"] for q in queues.get(worker.node, [])] == ["host.ctl"], queues
+    finally:
+        worker.stop()
+    enabled = start_worker(env | {"FARM_REMOTE_CONTROL": "1"}, ["ctl"], tmp_path / "logs")
+    try:
+        wait_for(lambda: app.control.ping(destination=[enabled.node], timeout=0.5), 60, "the worker to answer ping")
+        app.control.shutdown(destination=[enabled.node])
+        wait_for(lambda: not enabled.alive(), 30, "the enabled worker to obey shutdown")
+    finally:
+        enabled.stop()
