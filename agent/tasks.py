@@ -25,6 +25,7 @@ from celery import shared_task
 
 from agent import heartbeat
 from agent.celery_app import PROBE_FACTS, RUN_SUITE
+from agent.suites import SuiteRefused, resolve_suite, tree_root  # noqa: F401 - re-exported
 
 log = logging.getLogger("pmufarm.agent")
 
@@ -44,29 +45,6 @@ def deployed_revision() -> str | None:
         return rev
     marker = tree_root() / "REVISION"
     return marker.read_text().strip() if marker.exists() else None
-
-
-def tree_root() -> Path:
-    """The agent's installed tree (holds suites/); PMUFARM_TREE overrides it for deployed copies."""
-    return Path(os.environ.get("PMUFARM_TREE") or Path(__file__).resolve().parent.parent)
-
-
-class SuiteRefused(ValueError):
-    pass
-
-
-def resolve_suite(suite: str, root: Path | None = None) -> tuple[str, Path]:
-    """Map ``suites/<name>`` or ``<name>`` to a directory under the tree's suites/, or refuse."""
-    suites_dir = (root or tree_root()) / "suites"
-    name = suite.strip().rstrip("/")
-    name = name[len("suites/"):] if name.startswith("suites/") else name
-    if not name or "/" in name or name.startswith(".") or "\\" in name:
-        raise SuiteRefused(f"suite {suite!r}: only suites/<name> from the agent's tree may run")
-    path = (suites_dir / name).resolve()
-    if path.parent != suites_dir.resolve() or not path.is_dir():
-        known = sorted(p.name for p in suites_dir.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
-        raise SuiteRefused(f"suite {suite!r}: no such suite under suites/ (known: {', '.join(known)})")
-    return name, path
 
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")

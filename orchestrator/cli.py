@@ -156,7 +156,7 @@ def _flat_facts_for(hosts: list[Host], ctx: Ctx) -> dict[str, dict[str, Any]]:
 
 
 def _check_suites(suites: tuple[str, ...]) -> list[str]:
-    from agent.tasks import SuiteRefused, resolve_suite
+    from agent.suites import SuiteRefused, resolve_suite  # not agent.tasks: no Celery import yet
 
     names: list[str] = []
     for s in suites:

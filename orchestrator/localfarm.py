@@ -16,9 +16,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import redis
+if TYPE_CHECKING:  # redis-py is imported once redis-server is starting: its import overlaps the start
+    import redis
 
 
 class LocalFarmError(RuntimeError):
@@ -77,11 +78,17 @@ class RedisServer:
         return f"redis+socket://{self.socket}"
 
     def client(self) -> redis.Redis:
+        import redis
+
         if self.port:
             return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2)
         return redis.Redis(unix_socket_path=str(self.socket), socket_timeout=2)
 
     def start(self, timeout: float = 10) -> RedisServer:
+        return self.spawn().wait_ready(timeout)
+
+    def spawn(self) -> RedisServer:
+        """Start redis-server and return at once; ``wait_ready`` waits for its first PONG."""
         self.dir.mkdir(parents=True, exist_ok=True)
         if len(str(self.socket)) > 100:
             raise LocalFarmError(f"state directory path too long for a unix socket: {self.socket}")
@@ -94,6 +101,12 @@ class RedisServer:
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, start_new_session=True,
                                      preexec_fn=_stop_with_parent)
+        return self
+
+    def wait_ready(self, timeout: float = 10) -> RedisServer:
+        from redis import RedisError  # imported while redis-server starts
+
+        assert self.proc is not None, "spawn() first"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -101,7 +114,7 @@ class RedisServer:
             try:
                 if self.client().ping():
                     return self
-            except (redis.ConnectionError, redis.TimeoutError, FileNotFoundError):
+            except (RedisError, FileNotFoundError):
                 time.sleep(0.02)
         self.stop()
         raise LocalFarmError(f"redis-server did not answer within {timeout:g}s; see {self.dir / 'redis.log'}")
@@ -193,7 +206,9 @@ def wait_for_workers(app: Any, workers: list[Worker], timeout: float = 60) -> No
         if dead:
             tail = dead[0].log_path.read_text(errors="replace")[-1500:] if dead[0].log_path.exists() else ""
             raise LocalFarmError(f"agent worker for {dead[0].hosts[0]} exited; log {dead[0].log_path}:\n{tail}")
-        with contextlib.suppress(redis.RedisError):
+        from redis import RedisError
+
+        with contextlib.suppress(RedisError):
             state = read_state(client)
             for host, w in list(pending.items()):
                 beat = (state.get(host) or {}).get("heartbeat") or {}
@@ -223,13 +238,16 @@ class LocalFarm:
 
     def __enter__(self) -> LocalFarm:
         try:
-            self.redis.start()
+            # Workers spawn while redis-server starts: a worker needs half a second of imports before it
+            # connects (and retries on startup), redis-server answers within milliseconds.
+            self.redis.spawn()
             logs = self.state_dir / "logs"
             self.workers = [Worker([h], self.redis.url, logs).start() for h in self.kvm_hosts]
             if self.model_hosts:
                 # Simulated hosts share one worker: they own no hardware.
                 self.workers.append(Worker(self.model_hosts, self.redis.url, logs, self.sim_concurrency,
                                            publish_facts=False).start())
+            self.redis.wait_ready()
         except BaseException:
             self.close()
             raise
