@@ -250,3 +250,25 @@ def test_celery_tools_inspect_ping_and_task_events(tmp_path: Path, farm_env: dic
     done = [e["result"] for e in events if e["type"] == "task-succeeded"]
     # The outcome leads the result, within the part Flower shows.
     assert any("'status': 'passed', 'counts': {" in r[:200] for r in done), done
+
+
+def test_make_setup_uses_a_venv_for_an_externally_managed_python(tmp_path: Path) -> None:
+    """Stock Debian Python refuses pip (PEP 668): `make setup` plans a .venv for it, and this Python as is."""
+    import sysconfig
+
+    debian = Path("/usr/bin/python3")
+    probe = "import os, sys, sysconfig; print(os.path.exists(os.path.join(sysconfig.get_path('stdlib'), " \
+            "'EXTERNALLY-MANAGED')))"
+    if not debian.exists() or subprocess.run([str(debian), "-c", probe], capture_output=True,
+                                             text=True).stdout.strip() != "True":
+        pytest.skip("no externally-managed /usr/bin/python3 on this machine (stock Debian Python)")
+    plan = subprocess.run(["make", "-n", "setup", f"BASE_PYTHON={debian}", f"VENV={tmp_path / 'venv'}"],
+                          cwd=ROOT, capture_output=True, text=True, env={k: v for k, v in os.environ.items()
+                                                                          if k != "PYTHON"})
+    assert plan.returncode == 0, plan.stderr
+    assert f"{debian} -m venv" in plan.stdout and f"{tmp_path / 'venv'}/bin/python -m pip install" in plan.stdout
+    here = subprocess.run(["make", "-n", "setup", f"BASE_PYTHON={sys.executable}"], cwd=ROOT, capture_output=True,
+                          text=True, env={k: v for k, v in os.environ.items() if k != "PYTHON"})
+    managed = os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED"))
+    if sys.prefix != sys.base_prefix or not managed:  # the Python running the tests is used as it is
+        assert f"{sys.executable} -m pip install" in here.stdout, here.stdout
