@@ -3,7 +3,8 @@ a secured redis-server for tests, and optional Celery message signing.
 
 Farm mode (stack.md §1.9):
 - the ``default`` user is switched off, so a client that does not ``AUTH`` gets ``NOAUTH``;
-- one ``farm`` user: ``on #<sha256> ~* &* +@all -@dangerous``. ``&*`` (all Pub/Sub channels) is not
+- one ``farm`` user: ``on #<sha256> ~* &* +@all -@dangerous +info`` (INFO, read-only, lets the
+  orchestrator check the broker's persistence and uptime). ``&*`` (all Pub/Sub channels) is not
   optional: Celery's remote control (ping, inspect) and events use PUB/SUB, and a worker without channel
   access dies with ``NoPermissionError ... channels``. The password is stored hashed in the ACL file.
 - the URL carries user and password URL-encoded: ``redis://farm:<pw>@broker:6379/0``; TLS adds
@@ -39,7 +40,7 @@ from orchestrator.localfarm import LocalFarmError, RedisServer, find_redis_serve
 
 FARM_USER = "farm"
 # Categories: everything Celery/kombu use, minus @dangerous (FLUSHALL, CONFIG, DEBUG, SHUTDOWN, ...).
-FARM_PERMISSIONS = "~* &* +@all -@dangerous"
+FARM_PERMISSIONS = "~* &* +@all -@dangerous +info"
 MASK = "***"
 
 
@@ -362,6 +363,31 @@ class SecuredRedisServer(RedisServer):
         else:
             super().start(timeout)
         return self
+
+
+# ---------------------------------------------------------------- persistence
+
+def persistence_problem(url: str) -> str | None:
+    """Why this farm broker would lose queued jobs and results on a restart (no append-only file), or None.
+
+    A farm keeps work in the broker for hours: without AOF (``redis-server --appendonly yes``) a broker
+    restart drops every queued job, which then expires and looks like a dead host.
+    """
+    from agent.heartbeat import redis_from_url
+
+    client = redis_from_url(url)
+    try:
+        info = client.info("persistence")
+    except redis.exceptions.NoPermissionError:
+        return "cannot check its persistence (the broker user may not run INFO: regenerate the ACL with broker-acl)"
+    except redis.RedisError as exc:
+        return f"cannot check its persistence: {type(exc).__name__}: {exc}"
+    finally:
+        client.close()
+    if int(info.get("aof_enabled", 0)):
+        return None
+    return ("has no append-only file (appendonly no): a broker restart loses queued jobs and results; "
+            "run redis-server with --appendonly yes")
 
 
 # ---------------------------------------------------------------- CLI: write the farm-mode ACL

@@ -642,6 +642,10 @@ def deploy(inventory: str, host_names: str | None, known_hosts: tuple[Path, ...]
                          connect_timeout=connect_timeout, ping_timeout=ping_timeout, service=service,
                          signing_dir=signing_dir, masker=masker, echo=echo)
     echo(f"deploying revision {revision.name} to {len(hosts)} host(s): {', '.join(h.name for h in hosts)}")
+    from orchestrator.broker import persistence_problem
+
+    if why := persistence_problem(broker_url):
+        echo(f"warning: the farm broker {why}")
     try:
         results = deploy_hosts(hosts, opts, parallel)
     except SourceError as exc:

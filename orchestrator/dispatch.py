@@ -70,6 +70,7 @@ class Dispatcher:
         self._liveness_at = 0.0
         self._broker_now: float | None = None  # Redis TIME at the last liveness read
         self._broker_up_since = float("inf")
+        self._uptime_known = False  # INFO answered: _broker_up_since is the server's real start
 
     # sending ----------------------------------------------------------------------------------------
     def send(self, host: Host, suite: str, attempt: int = 1, only: list[str] | None = None,
@@ -120,6 +121,7 @@ class Dispatcher:
         try:
             # The server's own uptime also covers restarts this loop never saw failing.
             up_since = self._broker_now - float(self._redis.info("server")["uptime_in_seconds"])
+            self._uptime_known = True
         except redis.RedisError:
             # The farm ACL may deny INFO: count from when this loop first saw the broker answer.
             up_since = self._broker_now if self._broker_up_since == float("inf") else self._broker_up_since
@@ -281,6 +283,11 @@ class Dispatcher:
                 return changed
         elif time.monotonic() - p.queued_at > self.expires:
             self._stop(p)
+            if self._broker_restarted_since(p.queued_at):
+                job = self._infra(p, "job lost: the broker restarted after it was queued and did not keep its "
+                                     "queue (no append-only file?); not counted against the host")
+                self._finish(p, job, False, charge=False)
+                return True
             job = self._infra(p, f"job expired: no agent took it within {self.expires:g}s "
                                  f"(host {p.host.name} offline?)")
         else:
@@ -288,19 +295,26 @@ class Dispatcher:
         self._finish(p, job, retry)
         return True
 
+    def _broker_restarted_since(self, mono: float) -> bool:
+        """Did the broker (re)start after the monotonic instant ``mono``? Only when INFO gave its uptime."""
+        self.liveness()
+        if not self._uptime_known or self._broker_now is None:
+            return False
+        return self._broker_up_since > self._broker_now - (self._liveness_at - mono)
+
     def _infra(self, p: Pending, why: str, status: str = "infra_error") -> dict[str, Any]:
         return {"host": p.host.name, "suite": p.suite, "status": status, "exit_code": None, "facts": {},
                 "tests": [], "log_tail": why}
 
-    def _finish(self, p: Pending, job: Any, retry: bool) -> None:
+    def _finish(self, p: Pending, job: Any, retry: bool, charge: bool = True) -> None:
         if not isinstance(job, dict) or job.get("status") not in FINAL_JOB_STATES:
             job = self._infra(p, f"agent returned an unusable result: {str(job)[:200]}")
         stored = self.store.finish_job(p.job_id, job)
         p.status = job["status"]
         p.progress = {"tests": job.get("tests", []), "log_tail": job.get("log_tail", "")}
-        if stored and p.suite == health.HEALTH_SUITE:
+        if stored and charge and p.suite == health.HEALTH_SUITE:
             health.record_health(self.store, p.host.name, job)
-        elif stored:
+        elif stored and charge:
             health.record_job(self.store, p.host.name, job)
         with contextlib.suppress(redis.RedisError):
             p.result.forget()

@@ -116,6 +116,11 @@ def execute_run(store: Store, state_dir: Path, hosts: list[Host], suites: list[s
     try:
         app = client_app(broker)
         broker_check = farm.broker_problem if farm else None
+        if not farm:
+            from orchestrator.broker import mask, persistence_problem
+
+            if why := persistence_problem(broker):
+                echo(f"warning: farm broker {mask(broker)} {why}")
         if farm:
             wait_for_workers(app, farm.workers)
         store.create_run(run_id, suites, inventory, opts.meta)

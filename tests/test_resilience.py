@@ -392,3 +392,28 @@ def test_remote_control_refused_unless_enabled(tmp_path: Path, broker: RedisServ
         wait_for(lambda: not enabled.alive(), 30, "the enabled worker to obey shutdown")
     finally:
         enabled.stop()
+
+
+def test_volatile_broker_restart_is_not_blamed_on_the_host(tmp_path: Path) -> None:
+    """A farm broker without AOF: submit warns; a restart drops the queued job, which then expires. That is
+    the broker's loss, said so, and not counted against the (healthy) host."""
+    server = RedisServer(tmp_path / "volatile", port=free_port()).start()  # --appendonly no, --save ""
+    env = {"FARM_STATE_DIR": str(tmp_path / "st"), "FARM_AGENT_STATE_DIR": str(tmp_path / "agent"),
+           "PMUFARM_TREE": str(TREE), "FARM_BROKER_URL": server.url, "FARM_HEARTBEAT_INTERVAL": "1"}
+    mark_good(env, ["steady"])
+    proc = submit_bg(env, "--reports-dir", str(tmp_path / "r"), "submit", "suites/smoke", "--inventory",
+                     str(inventory(tmp_path, ["steady"])), "--expires", "6")  # its agent is not up yet
+    try:
+        wait_for(lambda: db(env, "SELECT task_id FROM jobs WHERE suite='smoke'"), 60, "the job to be queued", proc)
+        server.stop()
+        server.start()
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.stop()
+    assert "no append-only file" in out, out
+    assert proc.returncode == 3, out
+    (tail,), = db(env, "SELECT log_tail FROM jobs WHERE suite='smoke'")
+    assert "broker restarted after it was queued" in tail and "offline?" not in tail, tail
+    assert db(env, "SELECT state, infra_streak FROM hosts WHERE name='steady'") == [("good", 0)]
