@@ -125,7 +125,8 @@ PROBES: dict[str, ProbeSpec] = {p.name: p for p in [
     ProbeSpec("selftest", False, {"iterations": 1000},
               "guest loop of known length with one port-I/O VM-exit per iteration; no PMU needed",
               '"iterations": N, "vm_exits": exits seen by the host on the channel port, '
-              '"guest_sum": checksum the guest reported, "expected_sum": sum(range(N)), '
+              '"guest_sum": checksum the guest reported, "expected_sum": sum(range(N)), "user_round_trip": true if '
+              'the guest went to CPL3 and back (the privilege probe\'s user loop), '
               '"exceptions": [{"vector": v, "rip": x}]'),
     ProbeSpec("guest_count", True, {"iterations": 1000},
               "guest counts instructions (GP0) and branches (GP1) over a loop with a VM-exit per iteration",
@@ -248,9 +249,12 @@ PROBES: dict[str, ProbeSpec] = {p.name: p for p in [
               WORKLOAD + ', "after_write_zero": c (only what retired after the write), "from_minus_one": '
               '{"written": v, "count": c (after the wrap), "global_status": v or null}, "exceptions": [...]'),
     ProbeSpec("privilege", True, {"iterations": 1000},
-              "GP counter 0 counts instructions over the loop with USR only, OS only, and both; the guest's "
-              "loop runs at CPL0, so USR-only must not count it (EVTSEL bits 16/17)",
-              WORKLOAD + ', "cpl": 0, "counts": {"usr": c, "os": c, "both": c}, "exceptions": [...]'),
+              "GP counter 0 counts instructions with USR only, OS only, and both (EVTSEL bits 16/17) over the CPL0 "
+              "loop (USR-only must not count it) and over a CPL3 loop (OS-only must not count it)",
+              WORKLOAD + ', "cpl": 0, "counts": {"usr": c, "os": c, "both": c}, "user_loop": {"iterations": [N, 2N], '
+              '"insns_per_iter": 2, "counts": {"usr": [c, c], "os": [c, c], "both": [c, c]}} -- the same filters over '
+              "a CPL3 loop of N and 2N x {DEC, JNZ} (IRETQ in, a #UD out, both inside the window): USR's difference "
+              'is 2N, OS\'s 0, "exceptions": [...]'),
     ProbeSpec("umask_pair", True, {"iterations": 1000},
               "Intel: events that share an event select and differ in unit mask (cycles 0x3c/0x00 vs "
               "ref_cycles 0x3c/0x01, llc_references 0x2e/0x4f vs llc_misses 0x2e/0x41) count side by side on "

@@ -72,6 +72,7 @@ def assert_selftest(result: dict[str, Any], n: int) -> None:
     assert obs["vm_exits"] == n
     assert obs["expected_sum"] == n * (n - 1) // 2
     assert obs["guest_sum"] == obs["expected_sum"]
+    assert obs["user_round_trip"] is True       # CPL3 and back: the privilege probe's user loop
     assert obs["exceptions"] == []
     assert result["elapsed_ns"] > 0
 
@@ -212,7 +213,8 @@ def _observation_keys(probe: str) -> list[str]:
 
 
 def test_observation_key_parser() -> None:
-    assert _observation_keys("selftest") == ["iterations", "vm_exits", "guest_sum", "expected_sum", "exceptions"]
+    assert _observation_keys("selftest") == ["iterations", "vm_exits", "guest_sum", "expected_sum", "user_round_trip",
+                                             "exceptions"]
 
 
 # -- the Python driver end to end ----------------------------------------------------------------

@@ -34,6 +34,10 @@
 #define GDT_CODE_SEL        0x08
 #define GDT_DATA_SEL        0x10
 #define GDT_TSS_SEL         0x18
+#define GDT_UDATA_SEL       0x2b   /* index 5, RPL 3 */
+#define GDT_UCODE_SEL       0x33   /* index 6, RPL 3 */
+#define GDT_ENTRIES         7
+#define TSS_RSP0            (GUEST_TSS + 4)
 
 /* Guest->host channel: an OUT to one of these ports exits to the host (KVM_EXIT_IO). */
 #define PORT_DONE           0xe0   /* batch finished; value = commands executed */
@@ -58,6 +62,8 @@ enum guest_op {
 	OP_SPIN,           /* arg0 = iterations of pause (interrupt window) */
 	OP_X2APIC_ENABLE,  /* IA32_APIC_BASE: EN | EXTD; software-enable via SVR -> vector */
 	OP_MEMLOOP,        /* arg0 = N x {load, store, read-modify-write} on one stack word */
+	OP_MEASURE_USER,   /* like OP_MEASURE, but the loop is N x {DEC, JNZ} at CPL3; msr 0: no
+			      WRMSR, the CPL3 round trip alone; see guest_measure_user() */
 	OP_MAX
 };
 
@@ -111,6 +117,7 @@ struct guest_area {
 #define MEASURE_LOOP_CLFLUSH       2   /* CLFLUSH, MFENCE, MOV load, DEC, JNZ (pmu_counters_test.c) */
 #define MEASURE_INSNS_PER_ITER     3
 #define MEASURE_CLFLUSH_INSNS_PER_ITER 5
+#define MEASURE_USER_INSNS_PER_ITER 2   /* DEC, JNZ at CPL3 */
 #define MEASURE_INSNS_EXTRA        5
 #define MEASURE_BRANCHES_PER_ITER  1
 #define MEASURE_BRANCHES_EXTRA     0

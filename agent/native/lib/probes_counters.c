@@ -628,10 +628,33 @@ enum probe_status probe_cmask(struct probe_ctx *c)
 	return ret;
 }
 
+/* GP counter 0 with sel over n iterations of the CPL3 loop (OP_MEASURE_USER); copied out. */
+static struct reading count_gp0_user(struct probe_ctx *c, struct vcpu *v, uint64_t sel, uint64_t n,
+				     struct vm *vm, enum probe_status *ret)
+{
+	const struct pmu_layout *l = c->l;
+	struct guest_cmd *rd, *m;
+
+	batch_begin(v);
+	g_wrmsr(v, pmu_ctr_msr(l, 0), 0);
+	g_wrmsr(v, pmu_sel_msr(l, 0), sel);
+	m = batch_add(v, OP_MEASURE_USER, l->global_ctrl, 1, 0, n, 0);
+	rd = g_rdmsr(v, pmu_ctr_msr(l, 0));
+	g_wrmsr(v, pmu_sel_msr(l, 0), 0);
+	if (batch_run(v, NULL)) {
+		*ret = probe_fail(c, "%s", vm->err);
+		return (struct reading){ false, 0 };
+	}
+	return m->vector < 0 ? reading_of(rd) : (struct reading){ false, 0 };
+}
+
 enum probe_status probe_privilege(struct probe_ctx *c)
 {
 	uint64_t n = (uint64_t)arg_int(c, "iterations");
 	uint64_t base = pmu_selector(pmu_event(c->l, "instructions"), EVTSEL_EN) & ~(EVTSEL_OS | EVTSEL_USR);
+	const uint64_t modes[3] = { EVTSEL_USR, EVTSEL_OS, EVTSEL_OS | EVTSEL_USR };
+	static const char *const names[3] = { "usr", "os", "both" };
+	struct reading user[3][2];
 	struct guest_cmd *usr, *os, *both;
 	enum probe_status ret = probe_need_counters(c, 1);
 	struct vcpu *v;
@@ -654,6 +677,25 @@ enum probe_status probe_privilege(struct probe_ctx *c)
 	json_value_or_null(c->obs, "usr", usr);
 	json_value_or_null(c->obs, "os", os);
 	json_value_or_null(c->obs, "both", both);
+	json_obj_end(c->obs);
+	/* The same three filters over a CPL3 loop of n and of 2n iterations (2 instructions each). */
+	for (int m = 0; m < 3 && ret == PROBE_OK; m++)
+		for (int k = 0; k < 2 && ret == PROBE_OK; k++)
+			user[m][k] = count_gp0_user(c, v, base | modes[m], n << k, &vm, &ret);
+	json_obj_begin(c->obs, "user_loop");
+	json_arr_begin(c->obs, "iterations");
+	json_u64(c->obs, NULL, n);
+	json_u64(c->obs, NULL, 2 * n);
+	json_arr_end(c->obs);
+	json_i64(c->obs, "insns_per_iter", MEASURE_USER_INSNS_PER_ITER);
+	json_obj_begin(c->obs, "counts");
+	for (int m = 0; m < 3; m++) {
+		json_arr_begin(c->obs, names[m]);
+		for (int k = 0; k < 2; k++)
+			json_reading(c->obs, NULL, ret == PROBE_OK ? user[m][k] : (struct reading){ false, 0 });
+		json_arr_end(c->obs);
+	}
+	json_obj_end(c->obs);
 	json_obj_end(c->obs);
 	json_exceptions(c->obs, v);
 	vm_destroy(&vm);

@@ -27,10 +27,11 @@ enum probe_status probe_selftest(struct probe_ctx *c)
 {
 	uint64_t n = (uint64_t)arg_int(c, "iterations");
 	struct run_stats st = { 0 };
-	struct guest_cmd *cmd;
+	struct guest_cmd *cmd, *user;
 	struct vcpu *v;
 	struct vm vm;
 	enum probe_status ret = PROBE_OK;
+	bool user_ok = false;
 
 	if (probe_vm(c, &vm, &v, &default_opts)) {
 		vm_destroy(&vm);
@@ -44,6 +45,16 @@ enum probe_status probe_selftest(struct probe_ctx *c)
 	json_u64(c->obs, "vm_exits", st.ticks);
 	json_u64(c->obs, "guest_sum", cmd->out[0]);
 	json_u64(c->obs, "expected_sum", n * (n - 1) / 2);
+	if (ret == PROBE_OK) {
+		/* To CPL3 and back (IRETQ, a user loop, INT through a DPL-3 gate): the privilege probe's path. */
+		batch_begin(v);
+		user = batch_add(v, OP_MEASURE_USER, 0, 0, 0, 10, 0);
+		if (batch_run(v, NULL))
+			ret = probe_fail(c, "CPL3 round trip: %s", vm.err);
+		else
+			user_ok = user->vector < 0;
+	}
+	json_bool(c->obs, "user_round_trip", user_ok);
 	json_exceptions(c->obs, v);
 	vm_destroy(&vm);
 	return ret;

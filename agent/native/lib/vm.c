@@ -33,6 +33,7 @@ _Static_assert(GUEST_IDT_OFFSET + 0x1000 < GUEST_STACK_TOP, "no room for the gue
 #define EFER_LMA (1ULL << 10)
 #define PTE_P (1ULL << 0)
 #define PTE_RW (1ULL << 1)
+#define PTE_US (1ULL << 2)
 #define PTE_PS (1ULL << 7)
 
 __attribute__((format(printf, 2, 3)))
@@ -73,10 +74,11 @@ static void setup_memory_image(struct vm *vm)
 	uint64_t tss = GUEST_TSS, tss_limit = 0x67;
 
 	/* Identity map the first GiB with 2 MiB pages: code, areas and page tables all live there. */
-	pml4[0] = GUEST_PDPT | PTE_P | PTE_RW;
-	pdpt[0] = GUEST_PD | PTE_P | PTE_RW;
+	/* User-accessible too: OP_MEASURE_USER runs its loop at CPL3 (no SMEP/SMAP in CR4). */
+	pml4[0] = GUEST_PDPT | PTE_P | PTE_RW | PTE_US;
+	pdpt[0] = GUEST_PD | PTE_P | PTE_RW | PTE_US;
 	for (uint64_t i = 0; i < 512; i++)
-		pd[i] = (i << 21) | PTE_P | PTE_RW | PTE_PS;
+		pd[i] = (i << 21) | PTE_P | PTE_RW | PTE_US | PTE_PS;
 
 	gdt[0] = 0;
 	gdt[1] = 0x00af9b000000ffffULL;   /* 64-bit code, DPL 0 */
@@ -85,6 +87,8 @@ static void setup_memory_image(struct vm *vm)
 	gdt[3] = (tss_limit & 0xffff) | ((tss & 0xffffff) << 16) | (0x89ULL << 40) |
 		 (((tss_limit >> 16) & 0xf) << 48) | (((tss >> 24) & 0xff) << 56);
 	gdt[4] = tss >> 32;
+	gdt[5] = 0x00cff3000000ffffULL;   /* data, DPL 3 (GDT_UDATA_SEL) */
+	gdt[6] = 0x00affb000000ffffULL;   /* 64-bit code, DPL 3 (GDT_UCODE_SEL) */
 
 	memcpy(vm->mem + GUEST_CODE, guest_blob_start, (size_t)(guest_blob_end - guest_blob_start));
 }
@@ -333,7 +337,7 @@ static int setup_registers(struct vcpu *v)
 	sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = data;
 	sregs.tr = tr;
 	sregs.gdt.base = GUEST_GDT;
-	sregs.gdt.limit = 5 * 8 - 1;
+	sregs.gdt.limit = GDT_ENTRIES * 8 - 1;
 	sregs.idt.base = area + GUEST_IDT_OFFSET;
 	sregs.idt.limit = 256 * 16 - 1;
 	sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;

@@ -138,6 +138,61 @@ guest_measure:
 	ret
 
 /*
+ * void guest_measure_user(uint32_t msr, uint64_t on, uint64_t off, uint64_t n)
+ *   rdi = msr, rsi = on, rdx = off, rcx = n (>= 1)
+ * WRMSR(msr, on) opens the window; IRETQ to CPL3, n x {DEC, JNZ}, then UD2 at user_exit: the #UD
+ * enters CPL0 on TSS.RSP0 and guest_trap() sends it to user_return with this stack; reload the
+ * data segments, 4 moves, WRMSR(msr, off).  (A software INT through a DPL-3 gate would be the
+ * usual way back, but PVM answers it with #UD.)  The user part is MEASURE_USER_INSNS_PER_ITER * n;
+ * the kernel part is the same for every n, so loops of n and 2n tell them apart.
+ */
+	.globl guest_measure_user
+guest_measure_user:
+	push %rbp
+	mov %rsp, %rbp
+	and $-16, %rsp
+	mov %rdx, %r9		/* off */
+	mov %rcx, %r10		/* n */
+	mov %rsp, TSS_RSP0	/* the #UD from CPL3 enters CPL0 below here; guest_trap returns here */
+	mov %rsp, %r11
+	sub $256, %r11		/* the user loop touches no stack; any mapped address will do */
+	mov %edi, %ecx
+	mov %esi, %eax
+	mov %rsi, %rdx
+	shr $32, %rdx
+	test %ecx, %ecx		/* msr 0: no window, just the CPL3 round trip (selftest) */
+	jz 2f
+	wrmsr			/* ---- window opens after this retires ---- */
+2:	pushq $GDT_UDATA_SEL
+	push %r11
+	pushq $0x2		/* RFLAGS: IF clear */
+	pushq $GDT_UCODE_SEL
+	lea 1f(%rip), %rax
+	push %rax
+	iretq
+1:	dec %r10		/* CPL3 */
+	jnz 1b
+	.globl user_exit
+user_exit:
+	ud2
+	.globl user_return
+user_return:
+	mov $GDT_DATA_SEL, %ax
+	mov %ax, %ds
+	mov %ax, %es
+	mov %ax, %ss
+	mov %edi, %ecx
+	mov %r9d, %eax
+	mov %r9, %rdx
+	shr $32, %rdx
+	test %ecx, %ecx
+	jz 3f
+	wrmsr			/* ---- counted; window closes ---- */
+3:	mov %rbp, %rsp
+	pop %rbp
+	ret
+
+/*
  * void guest_work(uint64_t inner, uint64_t exits)
  * exits x { MOV; inner x {DEC, JNZ}; OUT; DEC; JNZ }  -> WORK_INSNS(inner, exits) instructions.
  * Not a PMU window: the host compares its own exclude_guest count across two sizes.

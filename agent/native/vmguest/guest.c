@@ -15,6 +15,8 @@ void guest_main(struct guest_area *area);
 void guest_trap(uint64_t *frame);
 void guest_measure(uint32_t msr, uint64_t on, uint64_t off, uint64_t n, uint64_t exit_each);
 void guest_work(uint64_t inner, uint64_t exits);
+void guest_measure_user(uint32_t msr, uint64_t on, uint64_t off, uint64_t n);
+extern const char user_exit[], user_return[];
 
 #define X2APIC_EOI   0x80b
 #define X2APIC_SVR   0x80f
@@ -130,6 +132,15 @@ void guest_trap(uint64_t *frame)
 	struct guest_area *a = this_area();
 	uint32_t vector = (uint32_t)frame[F_VECTOR];
 
+	if (vector == 6 && frame[F_RIP] == (uint64_t)user_exit) {
+		/* The CPL3 loop's way back (guest_measure_user): resume at CPL0 on its saved stack. */
+		frame[F_RIP] = (uint64_t)user_return;
+		frame[F_CS] = GDT_CODE_SEL;
+		frame[F_RFLAGS] = 0x2;
+		frame[F_RSP] = *(volatile uint64_t *)TSS_RSP0;
+		frame[F_SS] = GDT_DATA_SEL;
+		return;
+	}
 	if (vector >= 32) {
 		/* External interrupt (PMI via LVTPC, or spurious): count it and EOI. */
 		a->irq_count++;
@@ -194,6 +205,11 @@ static void run_cmd(struct guest_area *a, struct guest_cmd *c)
 		c->vector = wrmsr_safe((uint32_t)c->arg[0], c->arg[2]);
 		if (c->vector < 0 && c->arg[3])
 			guest_measure((uint32_t)c->arg[0], c->arg[1], c->arg[2], c->arg[3], c->arg[4]);
+		break;
+	case OP_MEASURE_USER:
+		c->vector = c->arg[0] ? wrmsr_safe((uint32_t)c->arg[0], c->arg[2]) : -1;
+		if (c->vector < 0 && c->arg[3])
+			guest_measure_user((uint32_t)c->arg[0], c->arg[1], c->arg[2], c->arg[3]);
 		break;
 	case OP_WORK:
 		if (c->arg[0] && c->arg[1])
