@@ -98,7 +98,8 @@ def markdown(report: dict[str, Any]) -> str:
         else:
             text = res["summary"].replace("|", "/")
             if res.get("when") and res["when"] != report["when"]:
-                text += f" (measured {res['when'][:16]}, load {res.get('loadavg', '?')})"
+                load = f", load {res['loadavg']}" if res.get("loadavg") is not None else ""
+                text += f" (measured {res['when'][:16]}{load})"
         lines.append(f"| {name} | {what} | {text} |")
     return "\n".join(lines) + "\n"
 
