@@ -454,5 +454,21 @@ def sensitivity(ctx: Ctx, suites: tuple[str, ...], uarchs: tuple[str, ...], faul
     sys.exit(exit_code(result))
 
 
+
+@main.command()
+@click.option("--layout", "layouts", multiple=True, help="Emulated PMU layout(s) (default: all).")
+@click.option("--probe", "probes", multiple=True, help="Probe(s) (default: the whole catalogue).")
+@click.option("--all", "show_all", is_flag=True, help="Also print the declared differences.")
+def crosscheck(layouts: tuple[str, ...], probes: tuple[str, ...], show_all: bool) -> None:
+    """Model vs the real harness on the emulated PMU: print disagreements (non-zero if one is undeclared)."""
+    from orchestrator.crosscheck import render, run_crosscheck
+
+    try:
+        result = run_crosscheck(list(layouts) or None, list(probes) or None)
+    except ValueError as exc:
+        fail(2, str(exc))
+    click.echo(render(result, show_declared=show_all))
+    sys.exit(1 if result.undeclared else 0)
+
 if __name__ == "__main__":
     main()

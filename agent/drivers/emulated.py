@@ -105,7 +105,10 @@ def emulated_facts(host: dict[str, Any], binary: str | os.PathLike[str] | None =
     name = host.get("name") or "?"
     model_host = {"name": name, "model": {"uarch": LAYOUTS[layout], "errata": errata}}
     facts = simulated_facts(model_host)
-    caps = EmulatedDriver(host, facts, binary).caps()
+    try:
+        caps = EmulatedDriver(host, facts, binary).caps()
+    except (OSError, RuntimeError, ValueError) as exc:      # no harness binary, vpmu caps failed
+        caps = {"mediated_pmu": {"status": "unavailable", "reasons": [f"vpmu caps (emulated): {exc}"]}}
     supported = (caps.get("kvm") or {}).get("supported_pmu") or {}
     kvm = facts["kvm"]
     kvm["supported_pmu"] = {**kvm["supported_pmu"], **{k: v for k, v in supported.items()

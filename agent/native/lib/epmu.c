@@ -32,6 +32,9 @@ extern const char guest_blob_start[], guest_blob_end[];
 #ifndef KVM_PMU_EVENT_FLAG_MASKED_EVENTS
 #define KVM_PMU_EVENT_FLAG_MASKED_EVENTS (1U << 0)
 #endif
+#define SEL_EDGE  (1ULL << 18)
+#define SEL_INV   (1ULL << 23)
+#define SEL_CMASK (0xffULL << 24)
 #define ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
 #define MAX_GP    8
 #define MAX_FIXED 8
@@ -159,6 +162,7 @@ struct epmu_vm {
 struct epmu_vcpu {
 	struct pmu_info pmu;        /* the guest's PMU, from its CPUID and the host's limits */
 	bool pdcm, fw_writes;
+	bool has_run;               /* KVM_RUN happened: feature MSRs are frozen */
 	uint64_t perf_caps;
 	struct epmu_state own, *st;
 	/* stepping: the counters live at the last instruction boundary */
@@ -671,6 +675,7 @@ static void refresh(struct vcpu *v, struct epmu_vcpu *e, const struct kvm_cpuid2
 		return;
 	}
 	p->has_global = p->version >= 2;
+	/* intel_is_valid_msr(): GLOBAL_STATUS_SET only with version >= 4; AMD: PerfMonV2. */
 	p->has_status_set = p->version >= (h->r->l == &intel_layout ? 4 : 2);
 	/* vmx_get_perf_capabilities() under the mediated PMU: full-width writes, no LBR/PEBS. */
 	e->perf_caps = e->pdcm ? h->perf_caps : 0;
@@ -798,6 +803,9 @@ int epmu_vcpu_init(struct vcpu *v)
 /* USR counts at CPL > 0, OS at CPL 0; event select and unit mask must match exactly. */
 static bool sel_counts(uint64_t sel, uint32_t select, int cpl)
 {
+	/* EDGE, INV and CMASK count cycles meeting a per-cycle threshold: not modelled. */
+	if (sel & (SEL_EDGE | SEL_INV | SEL_CMASK))
+		return false;
 	uint32_t ev = (uint32_t)(sel & 0xffff) | (host->r == &amd_regs ? (uint32_t)(sel >> 32 & 0xf) << 16 : 0);
 	uint64_t ring = cpl ? EVTSEL_USR : EVTSEL_OS;
 
@@ -1159,8 +1167,9 @@ int epmu_host_msr(struct vcpu *v, uint32_t msr, uint64_t *val, bool write)
 			*val = e->perf_caps;
 			return 0;
 		}
-		/* vmx_set_msr(): only bits KVM supports; the FW_WRITES bit gates the PMCx aliases. */
-		if (*val & ~host->perf_caps)
+		/* vmx_set_msr(): only bits KVM supports; the FW_WRITES bit gates the PMCx aliases.
+		 * kvm_set_msr_common(): a feature MSR is immutable once the vCPU has run. */
+		if (*val & ~host->perf_caps || (e->has_run && *val != e->perf_caps))
 			return EINVAL;
 		e->perf_caps = *val;
 		e->fw_writes = *val & PERF_CAP_FW_WRITES;
@@ -1295,8 +1304,11 @@ int epmu_run_start(struct vcpu *v)
 	struct epmu_vcpu *e = v->epmu;
 	struct kvm_regs regs;
 
+	if (!e)
+		return 0;
+	e->has_run = true;
 	/* The host may have changed the filter since the guest last ran. */
-	if (!e || e->stepping == want_steps(v, e))
+	if (e->stepping == want_steps(v, e))
 		return 0;
 	if (ioctl(v->fd, KVM_GET_REGS, &regs) < 0)
 		return vm_fail(v->vm, "emulated PMU: KVM_GET_REGS: %s", strerror(errno));
@@ -1347,6 +1359,9 @@ int epmu_exit(struct vcpu *v)
 
 		for (uint32_t i = 0; i < e->nsites; i++)
 			site |= e->sites[i] == pc;
+		if (trace)
+			fprintf(stderr, "epmu: debug pc %#llx dr6 %#llx cpl %d\n", (unsigned long long)pc,
+				(unsigned long long)run->debug.arch.dr6, cpl_of(run));
 		if (e->stepping && (run->debug.arch.dr6 & (1ULL << 14)))
 			retire(v, e, pc);
 		if (boundary(v, e, pc))
