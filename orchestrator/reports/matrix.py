@@ -446,12 +446,13 @@ table.matrix { font-size: 12.5px; }
 table.matrix thead { position: sticky; top: 0; z-index: 3; }
 table.matrix thead th { background: #f4f6f8; vertical-align: bottom; font-weight: 600; text-align: center;
   min-width: 62px; max-width: 104px; border-bottom: 2px solid #bbb; padding: 2px 4px; }
-table.matrix thead th.test { text-align: left; min-width: 200px; max-width: 260px; }
+table.matrix thead th.test { text-align: left; min-width: 180px; max-width: 230px; }
 table.matrix thead tr.vendors th { border-bottom: 2px solid #263238; font-size: 13px; letter-spacing: .04em; }
 table.matrix thead tr.vendors th.v-intel { background: #dbe9f7; }
 table.matrix thead tr.vendors th.v-amd { background: #f7dedb; }
 tr.verdict td.test { font-family: inherit; font-weight: 600; }
-tr.verdict td.cell { font-size: 12px; }
+tr.verdict td.cell { font-size: 12px; white-space: normal; overflow-wrap: anywhere; }
+td.cell { max-width: 104px; }
 .cell.untested { color: #5d4037; background: repeating-linear-gradient(135deg, #eee 0 5px, #ddd 5px 10px); }
 .cell.count { color: #333; background: #fff; font-weight: 400; white-space: normal; }
 th .models, th .hosts { display: block; font-weight: 400; color: #555; font-size: 12px; }
@@ -461,7 +462,7 @@ th.sim .simtag { display: inline-block; font-size: 11px; padding: 0 4px; border:
   border-radius: 3px; margin-left: 3px; background: #fff; }
 tr.suite th { text-align: left; background: #263238; color: #fff; padding: 5px 8px; font-size: 14px; }
 td.test { font-family: ui-monospace, "SFMono-Regular", Menlo, Consolas, monospace; font-size: 12px;
-  max-width: 260px; overflow-wrap: anywhere; }  /* wraps: the parameters at the end must stay visible */
+  max-width: 230px; overflow-wrap: anywhere; }  /* wraps: the parameters at the end must stay visible */
 table.matrix td { padding: 2px 4px; }
 td.test { position: sticky; left: 0; background: #fff; z-index: 1; }
 thead th.test { left: 0; z-index: 3; }
