@@ -254,7 +254,12 @@ PROBES: dict[str, ProbeSpec] = {p.name: p for p in [
               WORKLOAD + ', "cpl": 0, "counts": {"usr": c, "os": c, "both": c}, "user_loop": {"iterations": [N, 2N], '
               '"insns_per_iter": 2, "counts": {"usr": [c, c], "os": [c, c], "both": [c, c]}} -- the same filters over '
               "a CPL3 loop of N and 2N x {DEC, JNZ} (IRETQ in, a #UD out, both inside the window): USR's difference "
-              'is 2N, OS\'s 0, "exceptions": [...]'),
+              'is 2N, OS\'s 0, "host_guest_only": null (Intel, or < 4 GP counters) or {"guest_svm": bool, "pmcs": '
+              '["none", "guest_only", "host_only", "both"], "steps": [{"step": "svme0"|"svme1"|"deny"|"allow"|'
+              '"both_minus_host_only"|"both_restored"|"svme0_again", "efer_svme": 0|1, "efer_vector": 13 or null, '
+              '"filter": null|"deny"|"allow", "counts": [c, c, c, c]}]} -- AMD EVTSEL bits 40/41 on GP 0-3 '
+              "(svm_pmu_host_guest_test.c without its L2 steps: SVME=0 only \"none\" counts, SVME=1 all but "
+              'guest_only), "exceptions": [...]'),
     ProbeSpec("umask_pair", True, {"iterations": 1000},
               "Intel: events that share an event select and differ in unit mask (cycles 0x3c/0x00 vs "
               "ref_cycles 0x3c/0x01, llc_references 0x2e/0x4f vs llc_misses 0x2e/0x41) count side by side on "

@@ -101,6 +101,7 @@ struct pmu_layout {
 	uint32_t k7_sel_base, k7_ctr_base, k7_count;   /* AMD legacy PERFEVTSEL0-3 / PERFCTR0-3 */
 	const struct pmu_event *mem_events;            /* loads, stores, loads+stores (masked-event tests) */
 	const struct masked_case *masked_cases;        /* MASKED_CASES, pmu_event_filter_test.c order */
+	uint64_t guest_only, host_only;                /* AMD EVTSEL Guest-Only (40) / Host-Only (41) */
 	const struct guard_msr *guards;                /* vendor MSRs a mediated guest must not reach */
 	size_t nguards;
 };

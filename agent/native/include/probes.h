@@ -117,6 +117,10 @@ int run_measured(struct probe_ctx *c, struct vcpu *v, uint64_t enable_mask, uint
 bool probe_global_ctrl_intercepted(const struct probe_ctx *c);
 uint64_t now_ns(void);
 
+/* KVM_SET_PMU_EVENT_FILTER: 0 or errno (lib/probes_filter.c). */
+int set_filter(struct vm *vm, uint32_t action, uint32_t flags, uint32_t fixed_bitmap,
+	       const uint64_t *events, uint32_t nevents);
+
 /* Programming the guest PMU through batches. */
 void g_pmu_quiesce(struct probe_ctx *c, struct vcpu *v);   /* global ctrl 0, selectors 0, counters 0 */
 struct guest_cmd *g_measure(struct probe_ctx *c, struct vcpu *v, uint64_t enable_mask, uint64_t n,

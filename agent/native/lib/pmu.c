@@ -240,6 +240,7 @@ const struct pmu_layout amd_layout = {
 	.events = amd_events, .nevents = ARRAY_SIZE(amd_events),
 	.decode = amd_decode, .encode = amd_encode,
 	.k7_sel_base = 0xc0010000, .k7_ctr_base = 0xc0010004, .k7_count = 4,
+	.guest_only = 1ULL << 40, .host_only = 1ULL << 41,
 	.mem_events = amd_mem_events, .masked_cases = amd_masked,
 	.guards = amd_guards, .nguards = ARRAY_SIZE(amd_guards),
 };

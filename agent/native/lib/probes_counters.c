@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0
 /* Counter probes: what each architectural event counts, disabled counters, widths, GLOBAL_CTRL,
  * overflow status bits, and RDMSR/RDPMC agreement. */
+#include <linux/kvm.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -648,6 +649,89 @@ static struct reading count_gp0_user(struct probe_ctx *c, struct vcpu *v, uint64
 	return m->vector < 0 ? reading_of(rd) : (struct reading){ false, 0 };
 }
 
+#define MSR_EFER   0xc0000080
+#define EFER_SVME  (1ULL << 12)
+#define GUEST_EFER 0x500ULL     /* LME | LMA, as lib/vm.c sets it */
+
+/*
+ * AMD Host-Only/Guest-Only (svm_pmu_host_guest_test.c, without its L2 steps: this guest runs no
+ * nested VM): PMCs 0-3 count instructions with neither bit, Guest-Only, Host-Only and both.
+ * EFER.SVME=0: only the first counts; SVME=1 (L1 is "host mode"): all but Guest-Only; an event
+ * filter denying the event stops all; clearing Host-Only of the "both" counter stops it.
+ */
+static void json_host_guest_only(struct probe_ctx *c, struct vcpu *v, struct vm *vm, uint64_t n,
+				 enum probe_status *ret)
+{
+	static const char *const steps[] = { "svme0", "svme1", "deny", "allow", "both_minus_host_only",
+					     "both_restored", "svme0_again" };
+	const struct pmu_layout *l = c->l;
+	uint64_t base = pmu_selector(pmu_event(l, "instructions"), EVTSEL_EN), key;
+	struct cpuid_view view = kvm_cpuid_view(c->caps->kvm_cpuid);
+	uint32_t r[4] = { 0 };
+
+	if (!l->guest_only || c->pmu.gp < 4) {
+		json_null(c->obs, "host_guest_only");
+		return;
+	}
+	key = pmu_filter_key(pmu_event(l, "instructions"));
+	json_obj_begin(c->obs, "host_guest_only");
+	json_bool(c->obs, "guest_svm", c->caps->kvm_cpuid && view.get(&view, 0x80000001, 0, r) == 0 &&
+		  (r[2] >> 2 & 1));
+	json_arr_begin(c->obs, "pmcs");
+	json_str(c->obs, NULL, "none");
+	json_str(c->obs, NULL, "guest_only");
+	json_str(c->obs, NULL, "host_only");
+	json_str(c->obs, NULL, "both");
+	json_arr_end(c->obs);
+	json_arr_begin(c->obs, "steps");
+	for (size_t s = 0; s < sizeof(steps) / sizeof(steps[0]) && *ret == PROBE_OK; s++) {
+		bool svme = s >= 1 && s <= 5;
+		const char *filter = s == 2 ? "deny" : s == 3 ? "allow" : NULL;
+		struct guest_cmd *efer, *rd[4];
+		struct reading cnt[4];
+		int efer_vector;
+
+		if (filter)
+			set_filter(vm, s == 2 ? KVM_PMU_EVENT_DENY : KVM_PMU_EVENT_ALLOW, 0, 0, &key, 1);
+		batch_begin(v);
+		g_pmu_quiesce(c, v);
+		efer = g_wrmsr(v, MSR_EFER, GUEST_EFER | (svme ? EFER_SVME : 0));
+		for (int i = 0; i < 4; i++) {
+			uint64_t sel = base | (i & 1 ? l->guest_only : 0) | (i & 2 ? l->host_only : 0);
+
+			if (i == 3 && s == 4)
+				sel &= ~l->host_only;
+			g_wrmsr(v, pmu_sel_msr(l, i), sel);
+		}
+		g_measure(c, v, 0xf, n, false);
+		for (int i = 0; i < 4; i++)
+			rd[i] = g_rdmsr(v, pmu_ctr_msr(l, i));
+		g_pmu_quiesce(c, v);
+		g_wrmsr(v, MSR_EFER, GUEST_EFER);
+		if (batch_run(v, NULL))
+			*ret = probe_fail(c, "%s", vm->err);
+		efer_vector = efer->vector;
+		for (int i = 0; i < 4; i++)
+			cnt[i] = reading_of(rd[i]);
+		json_obj_begin(c->obs, NULL);
+		json_str(c->obs, "step", steps[s]);
+		json_i64(c->obs, "efer_svme", svme);
+		json_opt_i64(c->obs, "efer_vector", efer_vector);
+		if (filter)
+			json_str(c->obs, "filter", filter);
+		else
+			json_null(c->obs, "filter");
+		json_arr_begin(c->obs, "counts");
+		for (int i = 0; i < 4; i++)
+			json_reading(c->obs, NULL, cnt[i]);
+		json_arr_end(c->obs);
+		json_obj_end(c->obs);
+	}
+	set_filter(vm, KVM_PMU_EVENT_DENY, 0, 0, NULL, 0);
+	json_arr_end(c->obs);
+	json_obj_end(c->obs);
+}
+
 enum probe_status probe_privilege(struct probe_ctx *c)
 {
 	uint64_t n = (uint64_t)arg_int(c, "iterations");
@@ -697,6 +781,10 @@ enum probe_status probe_privilege(struct probe_ctx *c)
 	}
 	json_obj_end(c->obs);
 	json_obj_end(c->obs);
+	if (ret == PROBE_OK)
+		json_host_guest_only(c, v, &vm, n, &ret);
+	else
+		json_null(c->obs, "host_guest_only");
 	json_exceptions(c->obs, v);
 	vm_destroy(&vm);
 	return ret;

@@ -28,8 +28,8 @@ struct filter {
 };
 
 /* KVM_SET_PMU_EVENT_FILTER: 0 or errno.  nevents may exceed the array (too_many_events case). */
-static int set_filter(struct vm *vm, uint32_t action, uint32_t flags, uint32_t fixed_bitmap,
-		      const uint64_t *events, uint32_t nevents)
+int set_filter(struct vm *vm, uint32_t action, uint32_t flags, uint32_t fixed_bitmap,
+	       const uint64_t *events, uint32_t nevents)
 {
 	struct kvm_pmu_event_filter *f;
 	int ret = 0;
