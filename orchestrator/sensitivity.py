@@ -5,7 +5,8 @@ healthy (the baseline: any failure there is a false failure) and once per fault 
 ``inventory/faults.yaml`` injected as ``model.faults=[id]``. Each run is ``python -m pytest`` in a
 subprocess with ``--pmufarm-host``/``--pmufarm-results`` (the same path as a farm job), a few in
 parallel. A fault only changes the probes it lists, so a fault run executes only the selected suites
-that use one of those probes (``agent.protocol.SUITE_PROBES``), and only on hosts whose baseline ran
+that use one of those probes (``agent.protocol.SUITE_PROBES``), and of those only the test files that
+call one (``probe("name", ...)``), and only on hosts whose baseline ran
 PMU tests (hosts without a mediated vPMU answer every PMU probe ``unsupported``).
 
 ``run_sensitivity`` returns the table; ``render_table`` prints it; ``exit_code`` is 0 when every
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -59,6 +61,23 @@ def _suite_path(suite: str) -> Path:
     if p.exists():
         return p.resolve()
     return REPO / "suites" / _suite_name(suite)
+
+
+_PROBE_CALL = re.compile(r"""\bprobe\(\s*["'](\w+)["']""")
+
+
+def _files_using(suite_dir: Path, probes: set[str]) -> list[Path]:
+    """The suite's test files that call one of ``probes`` (``probe("name", ...)``): a fault changes
+    only its probes' observations, so no other file can see it. A file calling ``probe`` with a
+    name that is not a literal counts as using every probe."""
+    out = []
+    for f in sorted(suite_dir.glob("test_*.py")):
+        text = f.read_text(encoding="utf-8")
+        named = set(_PROBE_CALL.findall(text))
+        dynamic = text.count("probe(") > len(_PROBE_CALL.findall(text))
+        if named & probes or dynamic:
+            out.append(f)
+    return out
 
 
 def _short(nodeid: str) -> str:
@@ -149,10 +168,12 @@ def run_sensitivity(suites: list[str], uarchs: list[str] | None, faults: list[st
         for f in catalogue:
             fsuites = [n for n in names if set(SUITE_PROBES[n]) & set(f.get("probes") or [])]
             exercised[f["id"]] = fsuites
+            fprobes = set(f.get("probes") or [])
+            fpaths = [p for n in fsuites for p in (_files_using(paths[n], fprobes) if paths[n].is_dir()
+                                                   else [paths[n]])]
             for h in pmu_hosts if fsuites else []:
                 fault_jobs.append({"tag": f"{h['name']}.{f['id']}", "host_name": h["name"], "fault": f["id"],
-                                   "suites": fsuites, "paths": [paths[n] for n in fsuites],
-                                   "host": host_with(h, f["id"])})
+                                   "suites": fsuites, "paths": fpaths, "host": host_with(h, f["id"])})
         fault_runs = list(pool.map(lambda j: _run_pytest(j, workdir, timeout), fault_jobs))
 
     baseline: dict[str, Any] = {}
