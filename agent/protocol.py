@@ -198,7 +198,10 @@ PROBES: dict[str, ProbeSpec] = {p.name: p for p in [
               WORKLOAD + ', "workload_clflush": {same keys} or null -- ' + WORKLOAD_CLFLUSH +
               ', "gp": [{"counter": i, "event": name, "loop": "plain"|"clflush", "count": c, "kvm_exits": n or '
               'null (KVM\'s exit count over the batch holding only this loop, its PORT_DONE included)}], '
-              '"fixed": [{"counter": j, "event": name, "loop": "plain", "count": c, "kvm_exits": n or null}]'),
+              '"fixed": [{"counter": j, "event": name, "loop": "plain", "count": c, "kvm_exits": n or null}], '
+              '"unavailable_enumerated": null (AMD) or {"ebx_length": 0, "host_events_mask": m, "gp": [same entries, '
+              'GP 0 only, every event the host has]} -- a second VM whose CPUID.0AH:EBX length is 0: KVM must not '
+              'refuse events the enumeration calls unavailable (pmu_counters_test.c test_arch_events)'),
     ProbeSpec("disabled_counter", True, {"iterations": 1000},
               "counters programmed with the enable bit clear do not move over the loop",
               '"gp": [{"counter": i, "before": v, "after": v}], "fixed": [{"counter": j, "before": v, '

@@ -75,6 +75,44 @@ static enum probe_status arch_entry(struct probe_ctx *c, struct vcpu *v, const c
 	return rd ? PROBE_OK : probe_fail(c, "%s", v->vm->err);
 }
 
+/*
+ * pmu_counters_test.c test_arch_events(): KVM must not refuse an event because the guest's
+ * CPUID.0AH:EBX says it is unavailable -- events the hardware has still count.  Here the
+ * strongest case: EBX length 0, every event the host has, on GP counter 0 (Intel only).
+ */
+static enum probe_status arch_events_unenumerated(struct probe_ctx *c, uint64_t n, bool clflush)
+{
+	const struct pmu_layout *l = c->l;
+	struct guest_pmu_cfg cfg = c->guest;
+	struct vm_opts o = { .irqchip = true, .guest = &cfg };
+	uint32_t hw = c->caps->host_pmu.events_mask;
+	enum probe_status ret = PROBE_OK;
+	struct vcpu *v;
+	struct vm vm;
+
+	if (!l->fixed_base || !cfg.layout || c->pmu.version < 2) {
+		json_null(c->obs, "unavailable_enumerated");
+		return PROBE_OK;
+	}
+	cfg.pmu.events_mask = 0;
+	if (probe_vm(c, &vm, &v, &o)) {
+		vm_destroy(&vm);
+		return PROBE_ERROR;
+	}
+	json_obj_begin(c->obs, "unavailable_enumerated");
+	json_i64(c->obs, "ebx_length", 0);
+	json_u64(c->obs, "host_events_mask", hw);
+	json_arr_begin(c->obs, "gp");
+	for (size_t k = 0; k < l->nevents && ret == PROBE_OK; k++)
+		if (hw >> k & 1)
+			ret = arch_entry(c, v, "gp", 0, l->events[k].name,
+					 clflush && wants_clflush(&l->events[k]) ? LOOP_CLFLUSH : LOOP_PLAIN, n);
+	json_arr_end(c->obs);
+	json_obj_end(c->obs);
+	vm_destroy(&vm);
+	return ret;
+}
+
 enum probe_status probe_arch_events(struct probe_ctx *c)
 {
 	uint64_t n = (uint64_t)arg_int(c, "iterations");
@@ -109,6 +147,10 @@ enum probe_status probe_arch_events(struct probe_ctx *c)
 	json_arr_end(c->obs);
 	json_exceptions(c->obs, v);
 	vm_destroy(&vm);
+	if (ret == PROBE_OK)
+		ret = arch_events_unenumerated(c, n, clflush);
+	else
+		json_null(c->obs, "unavailable_enumerated");
 	return ret;
 }
 
