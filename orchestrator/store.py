@@ -5,6 +5,7 @@ Every write of a job's results is one transaction, so a crash never leaves half 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sqlite3
@@ -78,6 +79,13 @@ class Store:
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # One opener at a time creates or migrates the store: a submit starting at the same moment as another
+        # would otherwise find the new file still empty (and refuse it) or add a column twice.
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._open_locked()
+
+    def _open_locked(self) -> None:
         wal = self.path.with_name(self.path.name + "-wal")
         if self.path.exists() and self.path.stat().st_size == 0 and not (wal.exists() and wal.stat().st_size):
             # SQLite would take it for a new database and the history would be gone without a word.
