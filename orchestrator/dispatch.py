@@ -394,7 +394,9 @@ def describe(p: Pending) -> str:
         total = p.progress.get("total")
         done = p.progress.get("done", 0)
         cur = (p.progress.get("current") or "").split("::")[-1]
-        return f"running {done}/{total if total is not None else '?'}" + (f"  {cur}" if cur else "")
+        if total is None:  # pytest has not finished collecting: no count to show yet
+            return "running (collecting tests)"
+        return f"running {done}/{total}" + (f"  {cur}" if cur else "")
     counts = outcome_counts(p.progress.get("tests", []))
     detail = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
     tail = (p.progress.get("log_tail") or "").strip()
