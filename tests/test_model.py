@@ -55,6 +55,7 @@ GRID += [("event_filter", {"case": c}) for c in ("none", "allow_member", "allow_
 GRID += [("pmi", {"lvtpc": "unmasked"}), ("pmi", {"lvtpc": "masked"})]
 GRID += [("cross_context", {"kind": "vm"}), ("cross_context", {"kind": "vcpu"})]
 GRID += [("hidden_counters", {"gp_counters": 2}), ("hidden_counters", {"pmu_version": 0}),
+         ("hidden_counters", {"pmu_version": 1}),
          ("fixed_counters", {"fixed_counters": 1})]
 
 WORKLOAD_KEYS = {"iterations", "instructions", "branches", "vm_exits", "global_ctrl_exits", "loop"}

@@ -90,6 +90,9 @@ FAULTS: dict[str, tuple[str, ...]] = {
     "upper_counters_not_loaded": ("all_counters",),
     "guest_version_ignored": ("hidden_counters",),
     "fixed_rsvd_bits_open": ("fixed_counters",),
+    "filter_rejects_valid": ("filter_invalid",),
+    "host_events_stay_out": ("host_excludes_guest",),
+    "v1_guest_gets_global_ctrl": ("hidden_counters",),
 }
 
 # Symptom classes (contracts §6) the model turns into counts; the others (ht_counter_corruption,
@@ -606,6 +609,8 @@ class ModelDriver:
         n = self._iterations(iterations)
         exits = min(1000, max(1, n // 10))
         per_exit = rng.randint(3_800, 4_200)      # KVM exit handling + VMM port-I/O round trip
+        if "host_events_stay_out" in self.faults:
+            per_exit = 0                          # exclude_guest events never scheduled back in at exit
         setup = rng.randint(110_000, 130_000)
         runs = []
         for size, nexits in ((max(1, n // 10), exits), (n, exits), (max(1, n // 10), 10 * exits)):
@@ -867,12 +872,14 @@ class ModelDriver:
                 "count_after_deny": 0 if applied else during, "count_after_allow": after}
 
     def _p_filter_invalid(self, rng: random.Random) -> dict[str, Any]:
+        strict = EINVAL if "filter_rejects_valid" in self.faults else 0
         return {"cases": [{"case": "bad_action", "errno": EINVAL}, {"case": "bad_flags", "errno": EINVAL},
                           {"case": "too_many_events", "errno": E2BIG},
                           {"case": "masked_bad_entry", "errno": EINVAL},
                           # accepted (pmu_event_filter_test.c test_filter_ioctl)
-                          {"case": "junk_bits_unmasked", "errno": 0}, {"case": "masked_valid", "errno": 0},
-                          {"case": "fixed_bitmap_nonexistent", "errno": 0}]}
+                          {"case": "junk_bits_unmasked", "errno": strict},
+                          {"case": "masked_valid", "errno": strict},
+                          {"case": "fixed_bitmap_nonexistent", "errno": strict}]}
 
     # -- pmi -------------------------------------------------------------------------------------
     def _overflow_is_hardware(self, event: str) -> bool:
@@ -941,7 +948,8 @@ class ModelDriver:
                         "selector_wrmsr": self._acc("wrmsr", sbase + sstride * i, f"{spfx}{i}",
                                                     exposed or leak or (intel and i < 2), written=0),
                         "clear": self._acc("wrmsr", base + stride * i, f"{pfx}{i}", ok, written=0)})
-        reset = _mask(self.gp) if self.global_ctrl else None
+        has_global = self.global_ctrl or (self.version == 1 and "v1_guest_gets_global_ctrl" in self.faults)
+        reset = _mask(self.gp) if has_global else None
         return {"gp_counters": self.gp, "possible": possible, "base": base_kind, "global_ctrl_reset": reset,
                 "counters": out, "exceptions": []}
 

@@ -36,6 +36,9 @@ def test_guest_count_excludes_host(probe, errata, event):
     errata.exact(f"guest {event}", obs["counts"][event], work[event], transitions=work["vm_exits"])
 
 
+MIN_HOST_WORK_PER_EXIT = 10
+
+
 def _host_runs(probe):
     obs = probe("host_excludes_guest").observations
     assert obs["perf_open_errno"] == 0, \
@@ -57,8 +60,11 @@ def test_host_event_counts_per_exit(probe):
     extra = many["vm_exits"] - small["vm_exits"]
     assert extra > 0, f"the many-exit run made {many['vm_exits']} exits vs {small['vm_exits']}: nothing to divide"
     per_exit = (many["host_count"] - small["host_count"]) / extra
-    assert per_exit > 0, (f"host exclude_guest event grew by {per_exit:.1f} per VM-exit over {extra} extra exits "
-                          f"(exclude_kernel={obs.get('exclude_kernel')}): it does not count the host's exit work")
+    # a userspace exit returns from KVM_RUN, runs the VMM's dispatch and re-enters with an ioctl: far
+    # more than MIN_HOST_WORK_PER_EXIT instructions even counting user mode only
+    assert per_exit >= MIN_HOST_WORK_PER_EXIT, (
+        f"host exclude_guest event grew by {per_exit:.1f} per VM-exit over {extra} extra exits "
+        f"(exclude_kernel={obs.get('exclude_kernel')}): it does not count the host's exit work")
 
 
 @MEDIATED
