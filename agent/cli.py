@@ -93,6 +93,12 @@ def worker(hosts: tuple[str, ...], concurrency: int, publish_facts: bool, loglev
     except RuntimeError as exc:
         raise click.UsageError(str(exc)) from None
     node = f"{hosts[0]}@{socket.gethostname()}"
+    # In-flight messages under this agent's own keys, not kombu's shared "unacked" hash: with per-host broker
+    # users (orchestrator broker-acl --inventory) no agent can read another host's messages.
+    own = hosts[0]
+    app.conf.broker_transport_options = {**(app.conf.broker_transport_options or {}), "unacked_key": f"unacked.{own}",
+                                         "unacked_index_key": f"unacked_index.{own}",
+                                         "unacked_mutex_key": f"unacked_mutex.{own}"}
     beat = heartbeat.Heartbeat(list(hosts), app.conf.broker_url, node)
 
     @signals.worker_ready.connect(weak=False)

@@ -59,12 +59,36 @@ def acl_lines(password: str, user: str = FARM_USER, permissions: str = FARM_PERM
     return ["user default off", f"user {user} on #{digest} {permissions}"]
 
 
-def write_acl_file(path: Path, password: str, user: str = FARM_USER) -> Path:
-    """Write the ACL file (mode 0600; it holds only the password's SHA-256)."""
+def agent_user(host: str) -> str:
+    return f"agent-{host}"
+
+
+def agent_permissions(host: str) -> str:
+    """What the agent of ``host`` may touch: its own queue (and kombu's priority sub-queues, ``\\x06\\x16N``),
+    its own bindings and in-flight messages (agent/cli.py keys them by host), its own pidbox queue; no other
+    host's queue, bindings or messages, so it cannot read another job's token nor route another host's work
+    to itself. Shared still: task results (guarded by the per-job token), pmufarm's liveness hashes and
+    Pub/Sub channels (results, events, remote-control replies)."""
+    queue = f"host.{host}"  # agent.celery_app.host_queue
+    keys = [queue, f"{queue}[^-A-Za-z0-9._]*", f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}",
+            f"unacked.{host}", f"unacked_index.{host}", f"unacked_mutex.{host}", f"{host}@*",
+            "_kombu.binding*.*pidbox", "_kombu.binding*.celeryev", "_kombu.binding_deadlines",
+            "*.reply.celery.pidbox*", "celery-task-meta-*",
+            "pmufarm:*"]
+    return " ".join(f"~{k}" for k in keys) + " &* +@all -@dangerous"
+
+
+def write_acl_file(path: Path, password: str, user: str = FARM_USER,
+                   agents: dict[str, str] | None = None) -> Path:
+    """Write the ACL file (mode 0600; it holds only the passwords' SHA-256); ``agents``: host -> password of
+    that host's own restricted user."""
+    lines = acl_lines(password, user)
+    for host, pw in (agents or {}).items():
+        lines.append(acl_lines(pw, agent_user(host), agent_permissions(host))[1])
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
-        fh.write("\n".join(acl_lines(password, user)) + "\n")
+        fh.write("\n".join(lines) + "\n")
     return path
 
 
@@ -401,10 +425,33 @@ def persistence_problem(url: str) -> str | None:
 @click.option("--port", type=int, default=6379, show_default=True)
 @click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False), default=None,
               help="CA file: write a rediss:// URL that verifies the broker against it.")
-def broker_acl(acl_file: Path, url_file: Path, host: str, port: int, tls_ca: str | None) -> None:
+@click.option("--inventory", "inventory", default=None,
+              help="Also one restricted user per remote host of this inventory (agent-<host>: its own queue and "
+                   "keys only); their URLs go to --agent-url-dir/<host>.url for `deploy --agent-url-dir`.")
+@click.option("--agent-url-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the per-host URL files go (default: next to --url-file, in agents/).")
+def broker_acl(acl_file: Path, url_file: Path, host: str, port: int, tls_ca: str | None, inventory: str | None,
+               agent_url_dir: Path | None) -> None:
     """Generate a farm broker password: Redis ACL (default user off, user 'farm') and the URL file."""
+    ca = os.path.abspath(tls_ca) if tls_ca else None
+    agents: dict[str, str] = {}
+    if inventory:
+        from orchestrator.inventory import InventoryError, load_inventory
+
+        try:
+            agents = {h.name: generate_password() for h in load_inventory(inventory) if h.address != "local"}
+        except InventoryError as exc:
+            raise click.UsageError(str(exc)) from None
+        if not agents:
+            raise click.UsageError(f"{inventory}: no remote host (address other than 'local') to make a user for")
     password = generate_password()
-    write_acl_file(acl_file, password)
-    url = redis_url(host, port, password, tls=bool(tls_ca), ca_certs=os.path.abspath(tls_ca) if tls_ca else None)
+    write_acl_file(acl_file, password, agents=agents)
+    url = redis_url(host, port, password, tls=bool(tls_ca), ca_certs=ca)
     _write_private(url_file, (url + "\n").encode())
     click.echo(f"wrote {acl_file} (redis-server --aclfile) and {url_file}: {mask(url, [password])}")
+    if agents:
+        out = agent_url_dir or url_file.parent / "agents"
+        for name, pw in agents.items():
+            _write_private(out / f"{name}.url", (redis_url(host, port, pw, agent_user(name), tls=bool(tls_ca),
+                                                           ca_certs=ca) + "\n").encode())
+        click.echo(f"wrote {len(agents)} agent URL file(s) to {out}/ (users {agent_user('<host>')}: own queue only)")

@@ -89,6 +89,7 @@ class DeployOptions:
     echo: Callable[[str], None] = print
     archive: bytes | None = None
     reqs: list[str] = field(default_factory=list)
+    agent_urls: dict[str, str] = field(default_factory=dict)  # host -> its own restricted broker user's URL
 
 
 @dataclass
@@ -306,7 +307,7 @@ fi
         return native
 
     def env_file(self) -> str:
-        url = self.opts.broker_url
+        url = self.opts.agent_urls.get(self.host.name, self.opts.broker_url)
         if is_tls(url) and url_query(url).get("ssl_ca_certs"):
             url = with_query(url, ssl_ca_certs=f"{self.root}/etc/broker-ca.pem")
         env = {
@@ -576,6 +577,9 @@ def _repo_default() -> Path:
 @click.option("--signing-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Celery message signing: dir with agent.key, agent.pem, certs/*.pem (and orchestrator.key/.pem "
                    "for the ping); see orchestrator/broker.py.")
+@click.option("--agent-url-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Per-host broker URLs (<host>.url from `broker-acl --inventory`): each agent gets its own "
+                   "restricted user instead of --broker-url's.")
 @click.option("--connect-timeout", default=10.0, show_default=True)
 @click.option("--ping-timeout", default=90.0, show_default=True)
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -583,12 +587,13 @@ def _repo_default() -> Path:
 def deploy(inventory: str, host_names: str | None, known_hosts: tuple[Path, ...], identities: tuple[str, ...],
            user: str | None, broker_url: str, parallel: int, default_root: str, source: Path | None, rev: str | None,
            allow_dirty: bool, force: bool, restart: bool, service: str, signing_dir: Path | None,
-           connect_timeout: float, ping_timeout: float, state_dir: Path | None) -> None:
+           agent_url_dir: Path | None, connect_timeout: float, ping_timeout: float, state_dir: Path | None) -> None:
     """Install the agent at this revision on farm hosts and start their workers (SSH, in parallel).
 
     Exit 0 if every host is ok, 3 if any failed (the table says why), 2 for bad input.
     """
-    masker = Masker(urls=[broker_url])
+    agent_urls = {f.stem: f.read_text().strip() for f in sorted(agent_url_dir.glob("*.url"))} if agent_url_dir else {}
+    masker = Masker(urls=[broker_url, *agent_urls.values()])
     if state_dir is None:
         ctx = click.get_current_context(silent=True)
         state_dir = getattr(getattr(ctx, "obj", None), "state_dir", None) or _default_state_dir()
@@ -633,6 +638,10 @@ def deploy(inventory: str, host_names: str | None, known_hosts: tuple[Path, ...]
         results = [HostResult(h.name, "skipped", detail="address 'local': served by the local farm") for h in hosts]
         click.echo(render_table(results), nl=False)
         sys.exit(EXIT_OK)
+    if agent_url_dir:
+        missing = [h.name for h in hosts if h.address != "local" and h.name not in agent_urls]
+        if missing:
+            bad(f"--agent-url-dir {agent_url_dir}: no {missing[0]}.url (make them with broker-acl --inventory)")
     try:
         revision = resolve_revision(source or _repo_default(), rev, allow_dirty)
     except SourceError as exc:
@@ -640,7 +649,7 @@ def deploy(inventory: str, host_names: str | None, known_hosts: tuple[Path, ...]
     opts = DeployOptions(revision=revision, broker_url=broker_url, known_hosts=kh, identities=list(identities),
                          state_dir=state_dir, default_root=default_root, user=user, force=force, restart=restart,
                          connect_timeout=connect_timeout, ping_timeout=ping_timeout, service=service,
-                         signing_dir=signing_dir, masker=masker, echo=echo)
+                         signing_dir=signing_dir, masker=masker, echo=echo, agent_urls=agent_urls)
     echo(f"deploying revision {revision.name} to {len(hosts)} host(s): {', '.join(h.name for h in hosts)}")
     from orchestrator.broker import persistence_problem
 

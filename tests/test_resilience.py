@@ -417,3 +417,46 @@ def test_volatile_broker_restart_is_not_blamed_on_the_host(tmp_path: Path) -> No
     (tail,), = db(env, "SELECT log_tail FROM jobs WHERE suite='smoke'")
     assert "broker restarted after it was queued" in tail and "offline?" not in tail, tail
     assert db(env, "SELECT state, infra_streak FROM hosts WHERE name='steady'") == [("good", 0)]
+
+
+def test_per_host_broker_users_see_only_their_queue(tmp_path: Path) -> None:
+    """`broker-acl --inventory` gives each remote host its own broker user: its agent runs its jobs (and answers
+    ping) but cannot read another host's queue, bindings or in-flight messages (where the job tokens are)."""
+    from agent.celery_app import make_app
+    from agent.heartbeat import redis_from_url
+
+    inv = tmp_path / "farm.yaml"
+    inv.write_text("- {name: alpha, address: 192.0.2.1}\n- {name: beta, address: 192.0.2.2}\n")
+    port = free_port()
+    acl, url_file = tmp_path / "users.acl", tmp_path / "farm.url"
+    made = run_cli("broker-acl", "--acl-file", str(acl), "--url-file", str(url_file), "--host", "127.0.0.1",
+                   "--port", str(port), "--inventory", str(inv))
+    assert made.returncode == 0, made.stderr
+    farm_url, alpha_url = url_file.read_text().strip(), (tmp_path / "agents" / "alpha.url").read_text().strip()
+
+    class AclServer(RedisServer):
+        def client(self) -> redis.Redis:
+            return redis_from_url(farm_url)  # `default` is off: the readiness ping needs the farm user
+
+    server = AclServer(tmp_path / "b", port=port, extra=["--aclfile", str(acl)]).start()
+    env = {"FARM_STATE_DIR": str(tmp_path / "st"), "FARM_AGENT_STATE_DIR": str(tmp_path / "agent"),
+           "PMUFARM_TREE": str(TREE), "FARM_BROKER_URL": farm_url, "FARM_HEARTBEAT_INTERVAL": "1"}
+    mark_good(env, ["alpha"])
+    worker = Worker(["alpha"], alpha_url, tmp_path / "logs", env={k: v for k, v in env.items()
+                                                                  if k != "FARM_BROKER_URL"}, publish_facts=False)
+    worker.start()
+    app = make_app(farm_url)
+    try:
+        wait_for(lambda: app.control.ping(destination=[worker.node], timeout=0.5), 60, "alpha's agent to answer")
+        r = run_cli("--reports-dir", str(tmp_path / "r"), "submit", "suites/smoke", "--inventory", str(inv),
+                    "--hosts", "alpha", env=env, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        alpha = redis_from_url(alpha_url)
+        for attempt in (lambda: alpha.lrange("host.beta", 0, -1), lambda: alpha.hgetall("unacked.beta"),
+                        lambda: alpha.hgetall("unacked"), lambda: alpha.sadd("_kombu.binding.host.beta", "x"),
+                        lambda: alpha.rpush("host.beta", "x")):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                attempt()
+    finally:
+        worker.stop()
+        server.stop()
