@@ -93,6 +93,7 @@ FAULTS: dict[str, tuple[str, ...]] = {
     "filter_rejects_valid": ("filter_invalid",),
     "host_events_stay_out": ("host_excludes_guest",),
     "v1_guest_gets_global_ctrl": ("hidden_counters",),
+    "pmcx_without_fw_writes": ("counter_width",),
 }
 
 # Symptom classes (contracts §6) the model turns into counts; the others (ht_counter_corruption,
@@ -739,10 +740,16 @@ class ModelDriver:
             written = 0x89ABCDEF                # bit 31 set: sign-extends to the counter width
             legacy = {"written": written, "read": self._width_read(_sext32(written, w), w), "vector": None}
         full = []
+        # IA32_PMCx exist only with PERF_CAPABILITIES.FW_WRITES (pmu_intel.c get_fw_gp_pmc(); selftest
+        # PERF_CAPABILITIES {0, FW_WRITES} matrix)
+        no_pmcx = self.vendor == "intel" and not self.full_width_writes and "pmcx_without_fw_writes" not in self.faults
         for written in (0x80000000, 0x123456789ABC & _mask(w), _mask(w)):
-            full.append({"written": written, "read": self._width_read(written, w), "vector": None})
+            if no_pmcx:
+                full.append({"written": written, "read": None, "vector": GP_VECTOR})
+            else:
+                full.append({"written": written, "read": self._width_read(written, w), "vector": None})
         beyond_val = (1 << w) | 0x1234
-        if self.vendor == "intel" and not wrong:
+        if (self.vendor == "intel" and not wrong) or no_pmcx:
             beyond = {"written": beyond_val, "vector": GP_VECTOR, "read": None}
         else:   # AMD: bits above the width are dropped, no #GP; or the 32-bit-mask bug
             beyond = {"written": beyond_val, "vector": None, "read": self._width_read(beyond_val, w)}

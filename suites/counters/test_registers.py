@@ -85,6 +85,24 @@ def test_intel_write_beyond_width_gp(probe):
 
 
 @MEDIATED
+@pytest.mark.requires(vendor="intel", ignore_msrs=False)
+def test_intel_no_full_width_alias_without_fw_writes(probe):
+    """With PERF_CAPABILITIES = 0 the guest has no IA32_PMCx: every full-width write #GPs, while the
+    legacy IA32_PERFCTRx alias still works.
+
+    Rule: pmu_intel.c get_fw_gp_pmc() returns NULL unless fw_writes_is_enabled(); vmx_recalc_pmu_msr_intercepts()
+    keeps IA32_PMCx intercepted without FW_WRITES; pmu_counters_test.c sweeps PERF_CAPABILITIES {0, FW_WRITES}.
+    """
+    obs = probe("counter_width", perf_capabilities=0).observations
+    assert obs["guest_pmu"]["perf_capabilities"] == 0, f"the guest got PERF_CAPABILITIES {obs['guest_pmu']}"
+    legacy = obs["legacy_write"]
+    assert legacy is not None and legacy["vector"] is None, f"legacy IA32_PERFCTR0 write: {legacy}"
+    bad = [f"{w['written']:#x} -> vector {w['vector']} read {w['read']}" for w in obs["full_width"]
+           if w["vector"] != GP_VECTOR]
+    assert obs["full_width"] and not bad, "IA32_PMC0 usable without FW_WRITES: " + "; ".join(bad)
+
+
+@MEDIATED
 @pytest.mark.requires(vendor="amd")
 def test_amd_counter_width(probe):
     """AMD PerfCtrn hold exactly their width: writes up to it read back, nothing beyond it sticks.

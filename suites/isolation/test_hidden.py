@@ -28,9 +28,11 @@ def _fmt(a):
     return f"{a['op']} {a['name']} -> vector {a['vector']} value {a.get('value')}"
 
 
+@pytest.mark.parametrize("perf_caps", [pytest.param(-1, id="default"),
+                                       pytest.param(0, id="no-fw-writes", marks=pytest.mark.requires(vendor="intel"))])
 @pytest.mark.parametrize("nr_gp", range(9), ids=lambda n: f"guest-gp-{n}")
 @pytest.mark.requires(mediated_pmu=True, ignore_msrs=False)
-def test_hidden_gp_counters(probe, facts, nr_gp):
+def test_hidden_gp_counters(probe, facts, nr_gp, perf_caps):
     """With nr_gp of the host's GP counters given to the guest, counters >= nr_gp #GP and never show a
     host value; counters < nr_gp read back what the guest wrote; GLOBAL_CTRL resets to GENMASK(nr_gp-1, 0).
 
@@ -40,7 +42,10 @@ def test_hidden_gp_counters(probe, facts, nr_gp):
     """
     if nr_gp > _guest_gp_max(facts):
         pytest.skip(f"KVM's supported PMU has {_guest_gp_max(facts)} GP counters, fewer than {nr_gp}")
-    obs = probe("hidden_counters", gp_counters=nr_gp).observations
+    obs = probe("hidden_counters", gp_counters=nr_gp, perf_capabilities=perf_caps).observations
+    if perf_caps == 0:
+        # without FW_WRITES the guest reaches its counters through IA32_PERFCTRx = MSR_P6_PERFCTR0/1..
+        assert obs["base"] == "legacy", f"PERF_CAPABILITIES=0 but the probe used the {obs['base']} base"
     assert obs["exceptions"] == [] or all(e["vector"] == GP_VECTOR for e in obs["exceptions"]), obs["exceptions"]
     assert obs["gp_counters"] == nr_gp, f"the guest was given {obs['gp_counters']} GP counters, asked {nr_gp}"
     bad = []
