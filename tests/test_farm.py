@@ -220,6 +220,15 @@ def test_full_agent_disk_is_infra_error_not_failure(tmp_path: Path, farm_env: di
     assert {t.get("status") for t in kcidb["tests"]} == {"MISS"}, kcidb["tests"]
     junit = "".join(p.read_text() for p in (out / "junit").glob("*.xml"))
     assert "No space left on device" in junit and "<failure" not in junit
+    # The gate reads the same stored job: inconclusive (exit 3), never a regression.
+    from orchestrator.gate.verdict import compare, decide
+
+    store = Store(Path(farm_env["FARM_STATE_DIR"]) / "pmufarm.sqlite")
+    jobs = [j for j in store.jobs(run_id) if j["suite"] == "smoke"]
+    store.close()
+    items, inconclusive = compare({}, jobs, {}, [])
+    assert decide(items, inconclusive) == ("inconclusive", 3)
+    assert "candidate job infra_error: agent task failed: OSError" in inconclusive[0].why, inconclusive
 
 
 @pytest.mark.parametrize("field", ["run_id", "host", "attempt"])
