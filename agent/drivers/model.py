@@ -94,6 +94,8 @@ FAULTS: dict[str, tuple[str, ...]] = {
     "host_events_stay_out": ("host_excludes_guest",),
     "v1_guest_gets_global_ctrl": ("hidden_counters",),
     "pmcx_without_fw_writes": ("counter_width",),
+    "unavailable_events_refused": ("arch_events",),
+    "host_guest_bits_ignored": ("privilege",),
 }
 
 # Symptom classes (contracts §6) the model turns into counts; the others (ht_counter_corruption,
@@ -192,7 +194,8 @@ def workload(iterations: int, loop: str = "exit_each", global_ctrl_exits: int = 
     per, extra, br = LOOPS[loop]
     forced = iterations if loop == "exit_each" else 0
     return {"iterations": iterations, "instructions": per * iterations + extra, "branches": br * iterations,
-            "vm_exits": forced + global_ctrl_exits, "global_ctrl_exits": global_ctrl_exits, "loop": loop}
+            "vm_exits": forced + global_ctrl_exits, "global_ctrl_exits": global_ctrl_exits, "loop": loop,
+            "kvm_exits": None}
 
 
 def load_faults(path: Path = FAULTS_FILE) -> list[dict[str, Any]]:
@@ -537,12 +540,15 @@ class ModelDriver:
                     insns += exits
                 else:
                     branches += exits
+        # exits KVM handles in the kernel (host interrupts) that userspace never sees
+        unseen = rng.randint(0, 2 + n // 500)
+        # KVM's own count over the batch (KVM_GET_STATS_FD "exits"): the window's, the unseen ones and
+        # the batch's closing PORT_DONE exit (protocol WORKLOAD kvm_exits)
+        self.last_kvm_exits = exits + unseen + 1
         if VMRUN_SYMPTOM in self.symptoms:
-            # every VM-entry in the window (one per exit, plus entries after host interrupts that
-            # userspace never sees) retires VMRUN: +1 instruction and +1 branch each
-            entries = exits + rng.randint(0, 2 + n // 500)
-            insns += entries
-            branches += entries
+            # every VM-entry in the window retires VMRUN: +1 instruction and +1 branch each
+            insns += exits + unseen
+            branches += exits + unseen
         cycles = int(insns * rng.uniform(2.2, 3.0)) + exits * rng.randint(40, 60)
         if "counters_not_stopped_at_exit" in self.faults:
             # host-side exit handling (KVM + the port-I/O round trip) keeps counting in guest PMCs
@@ -599,10 +605,12 @@ class ModelDriver:
     def _p_selftest(self, rng: random.Random, iterations: int) -> dict[str, Any]:
         n = self._iterations(iterations)
         s = n * (n - 1) // 2
-        return {"iterations": n, "vm_exits": n, "guest_sum": s, "expected_sum": s, "exceptions": []}
+        return {"iterations": n, "vm_exits": n, "guest_sum": s, "expected_sum": s, "user_round_trip": True,
+                "exceptions": []}
 
     def _p_guest_count(self, rng: random.Random, iterations: int) -> dict[str, Any]:
         w, c = self._loop(rng, self._iterations(iterations))
+        w["kvm_exits"] = self.last_kvm_exits
         return {"workload": w, "counts": {"instructions": c["instructions"], "branches": c["branches"]},
                 "exceptions": []}
 
@@ -710,17 +718,29 @@ class ModelDriver:
     def _p_arch_events(self, rng: random.Random, iterations: int) -> dict[str, Any]:
         n = self._iterations(iterations)
         w, c = self._loop(rng, n, "plain")
+        kx = self.last_kvm_exits
         wc, cc = self._loop(rng, n, "clflush")
+        kxc = self.last_kvm_exits
         gp = []
         for ev in self.arch_events:
-            loop, counts = ("clflush", cc) if ev in CLFLUSH_EVENTS else ("plain", c)
-            gp += [{"counter": i, "event": ev, "loop": loop, "count": self._jitter(rng, ev, counts[ev])}
-                   for i in range(self.gp)]
+            loop, counts, k = ("clflush", cc, kxc) if ev in CLFLUSH_EVENTS else ("plain", c, kx)
+            gp += [{"counter": i, "event": ev, "loop": loop, "count": self._jitter(rng, ev, counts[ev]),
+                    "kvm_exits": k} for i in range(self.gp)]
         fixed = [{"counter": j, "event": FIXED_EVENTS[j], "loop": "plain",
                   "count": self._fixed_after_exit_loss(self._jitter(rng, FIXED_EVENTS[j], c[FIXED_EVENTS[j]]),
-                                                       w["vm_exits"])}
+                                                       w["vm_exits"]), "kvm_exits": kx}
                  for j in self.fixed]
-        return {"workload": w, "workload_clflush": wc, "gp": gp, "fixed": fixed}
+        unavailable = None
+        if self.vendor == "intel":
+            # a second VM whose CPUID.0AH:EBX length is 0: every host event still counts on GP 0
+            # (pmu_counters_test.c test_arch_events: KVM does not refuse "unavailable" events)
+            refused = "unavailable_events_refused" in self.faults
+            host_events = [e for e in (self.host_pmu.get("arch_events") or []) if e in self.events]
+            unavailable = {"ebx_length": 0, "host_events_mask": int(self.host_pmu.get("arch_events_mask") or 0),
+                           "gp": [{"counter": 0, "event": ev, "loop": "plain", "kvm_exits": kx,
+                                   "count": 0 if refused else self._jitter(rng, ev, c[ev])} for ev in host_events]}
+        return {"workload": w, "workload_clflush": wc, "gp": gp, "fixed": fixed,
+                "unavailable_enumerated": unavailable}
 
     def _p_disabled_counter(self, rng: random.Random, iterations: int) -> dict[str, Any]:
         self._iterations(iterations)
@@ -859,6 +879,7 @@ class ModelDriver:
         if case == "deny_high_select" and self.vendor != "amd":
             raise _Unsupported("event select bits 35:32 are AMD's")
         w, c = self._loop(rng, self._iterations(iterations))
+        w["kvm_exits"] = self.last_kvm_exits
         flt = self._filter_for(case)
         counts = {ev: c[ev] if self._gp_allowed(flt, ev) else 0 for ev in ("instructions", "branches")}
         fixed_insn = None
@@ -903,6 +924,7 @@ class ModelDriver:
     def _p_pmi(self, rng: random.Random, lvtpc: str) -> dict[str, Any]:
         if lvtpc not in ("unmasked", "masked"):
             raise _BadParam(f"lvtpc={lvtpc!r}: must be unmasked or masked")
+        cpu = rng.randrange(2)
         masked = lvtpc == "masked"
         vpmi_before = rng.randint(0, 5_000)
         if "pmi_as_host_nmi" in self.faults:
@@ -921,7 +943,7 @@ class ModelDriver:
         return {"lvtpc": lvtpc, "event": "branches", "vector": PMI_VECTOR, "interrupts": interrupts,
                 "global_status": 0x1,
                 "host_vpmi_before": vpmi_before, "host_vpmi_after": vpmi_before + vpmi_delta,
-                "host_nmi_delta": nmi_delta}
+                "host_nmi_delta": nmi_delta, "cpu": cpu, "host_nmi_delta_cpu": nmi_delta}
 
     # -- probes of the upstream coverage rows (harness-audit.md §2) -----------------------------
     def _acc(self, op: str, target: int, name: str, ok: bool, value: int | None = None,
@@ -1045,9 +1067,38 @@ class ModelDriver:
     def _p_privilege(self, rng: random.Random, iterations: int) -> dict[str, Any]:
         n = self._iterations(iterations)
         w, c = self._loop(rng, n, "plain")
-        usr = c["instructions"] if "privilege_filter_ignored" in self.faults else 0
+        ignored = "privilege_filter_ignored" in self.faults
+        usr = c["instructions"] if ignored else 0
+        # the CPL3 loop: N and 2N x {DEC, JNZ}, plus a fixed entry/exit cost (IRETQ in, #UD out)
+        fixed_user, fixed_kernel = 3, rng.randint(40, 60)
+        user = {"usr": [fixed_user + 2 * k for k in (n, 2 * n)],
+                "os": [fixed_kernel + (2 * k if ignored else 0) for k in (n, 2 * n)]}
+        user["both"] = [u + o for u, o in zip(user["usr"], user["os"], strict=True)]
         return {"workload": w, "cpl": 0, "counts": {"usr": usr, "os": c["instructions"], "both": c["instructions"]},
-                "exceptions": []}
+                "user_loop": {"iterations": [n, 2 * n], "insns_per_iter": 2, "counts": user},
+                "host_guest_only": self._host_guest_only(rng, n), "exceptions": []}
+
+    def _host_guest_only(self, rng: random.Random, n: int) -> dict[str, Any] | None:
+        """AMD EVTSEL Host-Only (bit 41) / Guest-Only (bit 40) on GP 0-3 seen from an L1 guest: with
+        EFER.SVME=0 only a counter with neither bit counts; with SVME=1 the guest is "host" to any L2,
+        so all but Guest-Only count (svm/pmu.c pmc_is_disabled_in_current_mode(), kvm-x86 2ed72677a5c1;
+        svm_pmu_host_guest_test.c without its L2 steps)."""
+        if self.vendor != "amd" or self.gp < 4:
+            return None
+        ignored = "host_guest_bits_ignored" in self.faults
+        pmcs = ["none", "guest_only", "host_only", "both"]
+        svme0 = (True, False, False, False)
+        svme1 = (True, False, True, True)
+        steps = [("svme0", 0, None, svme0), ("svme1", 1, None, svme1), ("deny", 1, "deny", (False,) * 4),
+                 ("allow", 1, "allow", svme1), ("both_minus_host_only", 1, None, (True, False, True, False)),
+                 ("both_restored", 1, None, svme1), ("svme0_again", 0, None, svme0)]
+        out = []
+        for step, svme, flt, counts in steps:
+            if ignored and flt != "deny":
+                counts = (True,) * 4
+            out.append({"step": step, "efer_svme": svme, "efer_vector": None, "filter": flt,
+                        "counts": [1000 + rng.randint(0, 3) if on else 0 for on in counts]})
+        return {"guest_svm": True, "pmcs": pmcs, "steps": out}
 
     def _p_umask_pair(self, rng: random.Random, iterations: int) -> dict[str, Any]:
         if self.vendor != "intel":
@@ -1075,6 +1126,7 @@ class ModelDriver:
             alias = v if "k7_not_aliased" not in self.faults else 0
             out.append({"index": i, "written": v,
                         "k7_rdmsr": self._acc("rdmsr", 0xC0010004 + i, f"MSR_K7_PERFCTR{i}", True, v),
+                        "k7_wrmsr": self._acc("wrmsr", 0xC0010004 + i, f"MSR_K7_PERFCTR{i}", True, written=v),
                         "f15h_rdmsr": self._acc("rdmsr", 0xC0010201 + 2 * i, f"MSR_F15H_PERF_CTR{i}", True, alias),
                         "rdpmc": self._acc("rdpmc", i, f"RDPMC {i}", True, v),
                         "k7_sel_wrmsr": self._acc("wrmsr", 0xC0010000 + i, f"MSR_K7_EVNTSEL{i}", True,
@@ -1116,7 +1168,8 @@ class ModelDriver:
                 if "lvtpc_mask_lost" in self.faults and got:
                     lvt = PMI_VECTOR
                 bit = idx if kind == "gp" else 32 + idx
-                out.append({"kind": kind, "index": idx, "int": want_int, "count": rng.randint(1, 4),
+                ev = "branches" if kind == "gp" else FIXED_EVENTS[idx]
+                out.append({"kind": kind, "index": idx, "event": ev, "int": want_int, "count": rng.randint(1, 4),
                             "global_status": (1 << bit) if self.global_ctrl else None, "interrupts": got,
                             "lvtpc_after": lvt if got else None})
         return {"event": "branches", "vector": PMI_VECTOR, "counters": out, "exceptions": []}

@@ -56,11 +56,13 @@ def _judge(what, event, count, work, loop="plain"):
 
 
 def _judge_all(errata, event, named_counts, work, loop="plain"):
-    """Plain rule violations fail first (never errata); exact counts are judged together."""
+    """Plain rule violations fail first (never errata); exact counts are judged together.
+    ``named_counts``: (label, count) or (label, count, KVM's exit count over that entry's batch)."""
     if event in EXACT:
-        errata.exact_all([(what, count, work[event], work["vm_exits"], event) for what, count in named_counts])
+        errata.exact_all([(n[0], n[1], work[event], work["vm_exits"], event, n[2] if len(n) > 2 else None)
+                          for n in named_counts])
         return
-    problems = [p for what, count in named_counts for p in [_judge(what, event, count, work, loop)] if p]
+    problems = [p for what, count, *_ in named_counts for p in [_judge(what, event, count, work, loop)] if p]
     assert not problems, "; ".join(problems)
 
 
@@ -77,7 +79,8 @@ def _check_gp(probe, errata, facts, event, arch_events):
     assert len(loops) == 1, f"{event} measured over several loops {loops}"
     loop = loops.pop()
     work = obs["workload_clflush"] if loop == "clflush" else obs["workload"]
-    _judge_all(errata, event, [(f"GP{e['counter']} {event}", e["count"]) for e in entries], work, loop)
+    _judge_all(errata, event, [(f"GP{e['counter']} {event}", e["count"], e.get("kvm_exits")) for e in entries],
+               work, loop)
 
 
 @MEDIATED
@@ -123,4 +126,27 @@ def test_intel_fixed_counter(probe, errata, facts, index):
     assert entries, f"fixed counter {index} is enumerated but was not measured"
     wrong = [e["event"] for e in entries if e["event"] != event]
     assert not wrong, f"fixed counter {index} reported as {wrong}, FC{index} is {event}"
-    _judge_all(errata, event, [(f"FC{index} {event}", e["count"]) for e in entries], obs["workload"])
+    _judge_all(errata, event, [(f"FC{index} {event}", e["count"], e.get("kvm_exits")) for e in entries],
+               obs["workload"])
+
+
+@MEDIATED
+@pytest.mark.requires(vendor="intel")
+@COUNT_ERRATA
+def test_unavailable_events_still_count(probe, errata):
+    """With CPUID.0AH:EBX length 0 (every architectural event "unavailable"), each event the host has
+    still counts on GP 0: KVM does not police the enumeration.
+
+    Rule: pmu_counters_test.c test_arch_events() / guest_test_arch_event(): the EBX length and
+    unavailable-mask combinations, with events programmed regardless of what CPUID says.
+    """
+    obs = probe("arch_events").observations
+    ue = obs["unavailable_enumerated"]
+    assert ue is not None and ue["ebx_length"] == 0, f"no EBX-length-0 VM measured: {ue}"
+    assert ue["gp"], "no event measured in the EBX-length-0 VM"
+    w = obs["workload"]
+    exact = [(f"GP0 {e['event']} (EBX length 0)", e["count"], w[e["event"]], w["vm_exits"], e["event"],
+              e.get("kvm_exits")) for e in ue["gp"] if e["event"] in EXACT]
+    dead = [e["event"] for e in ue["gp"] if e["event"] in NON_ZERO - NEEDS_CLFLUSH and e["count"] == 0]
+    assert not dead, f"events refused in the EBX-length-0 VM (counted 0): {dead}"
+    errata.exact_all(exact)

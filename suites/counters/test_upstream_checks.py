@@ -109,8 +109,50 @@ def test_privilege_filtering(probe, errata):
     w, counts = obs["workload"], obs["counts"]
     assert obs["cpl"] == 0, f"the loop ran at CPL{obs['cpl']}: USR/OS would swap"
     assert counts["usr"] == 0, f"a USR-only counter counted {counts['usr']} instructions of a CPL0 loop"
+    user = obs.get("user_loop")
+    if user is not None:
+        # the CPL3 loop at N and 2N: the difference is 2N user instructions and no kernel ones
+        n1, n2 = user["iterations"]
+        extra = user["insns_per_iter"] * (n2 - n1)
+        diff = {m: user["counts"][m][1] - user["counts"][m][0] for m in ("usr", "os", "both")}
+        assert diff["os"] == 0, f"an OS-only counter moved by {diff['os']} over {n2 - n1} more CPL3 iterations"
+        assert diff["usr"] == extra == diff["both"], \
+            f"USR/both moved by {diff['usr']}/{diff['both']} over {n2 - n1} more CPL3 iterations, expected {extra}"
     errata.exact_all([(f"instructions ({m})", counts[m], w["instructions"], w["vm_exits"], "instructions")
                       for m in ("os", "both")])
+
+
+# svm_pmu_host_guest_test.c without its L2 steps: which of the four PMCs (none, guest_only, host_only,
+# both HG bits) count in an L1 guest. SVME=0: a counter with either bit set is off; SVME=1: L1 is the
+# "host" of any L2, so Guest-Only is off (svm/pmu.c pmc_is_disabled_in_current_mode(), 2ed72677a5c1).
+HG_EXPECT = {
+    "svme0": (True, False, False, False), "svme1": (True, False, True, True), "deny": (False,) * 4,
+    "allow": (True, False, True, True), "both_minus_host_only": (True, False, True, False),
+    "both_restored": (True, False, True, True), "svme0_again": (True, False, False, False),
+}
+
+
+@MEDIATED
+@pytest.mark.requires(vendor="amd", min_gp_counters=4)
+def test_amd_host_guest_only_bits(probe):
+    """AMD Host-Only / Guest-Only bits gate counting by the guest's EFER.SVME; a DENY filter stops all
+    four counters and ALLOW restores them; toggling Host-Only off the "both" counter stops it."""
+    hg = probe("privilege").observations.get("host_guest_only")
+    if hg is None:
+        pytest.skip("the probe did not measure Host-Only/Guest-Only (needs 4 GP counters)")
+    bad = []
+    for st in hg["steps"]:
+        if st["efer_svme"] and not hg["guest_svm"]:
+            continue
+        if st["efer_vector"] is not None:
+            bad.append(f"{st['step']}: EFER.SVME={st['efer_svme']} write took vector {st['efer_vector']}")
+            continue
+        want = HG_EXPECT[st["step"]]
+        got = tuple(c > 0 for c in st["counts"])
+        if got != want:
+            bad.append(f"{st['step']}: counting {dict(zip(hg['pmcs'], got, strict=True))}, "
+                       f"expected {dict(zip(hg['pmcs'], want, strict=True))}")
+    assert not bad, "; ".join(bad)
 
 
 @MEDIATED
@@ -151,6 +193,8 @@ def test_amd_legacy_k7_msrs(probe):
     assert obs["counters"], "no K7 counter measured"
     bad = []
     for c in obs["counters"]:
+        if c.get("k7_wrmsr") and c["k7_wrmsr"]["vector"] is not None:
+            bad.append(f"K7 PERFCTR{c['index']} write faulted")
         for key in ("k7_rdmsr", "f15h_rdmsr", "rdpmc"):
             if c[key]["vector"] is not None or c[key]["value"] != c["written"]:
                 bad.append(f"K7 counter {c['index']}: {key} {c[key]} after writing {c['written']:#x}")

@@ -91,7 +91,7 @@ def _judge(errata, flt, vendor, obs, subjects):
     leaks = [f"{label} counted {counts[key]} although the filter denies it"
              for label, key, _, allowed in subjects if not allowed and counts[key] != 0]
     assert not leaks, "; ".join(leaks) + f" (filter {flt})"
-    errata.exact_all([(label, counts[key], work[event], work["vm_exits"], event)
+    errata.exact_all([(label, counts[key], work[event], work["vm_exits"], event, work.get("kvm_exits"))
                       for label, key, event, allowed in subjects if allowed])
 
 
