@@ -137,6 +137,7 @@ PROBE_MIN_VERSION = {"overflow_status": 4}
 EVTSEL_USR, EVTSEL_OS, EVTSEL_INT, EVTSEL_EN = 1 << 16, 1 << 17, 1 << 20, 1 << 22
 KVM_PMU_EVENT_FLAG_MASKED_EVENTS = 1
 PMI_VECTOR = 0x20          # the vector the harness programs into the guest LVTPC
+OVERFLOW_LOOP = 1000       # branches of the overflow_all loop (kvm-unit-tests check_counter_overflow)
 GP_VECTOR = 13
 
 
@@ -415,9 +416,11 @@ class ModelDriver:
         self.version = version
         self.gp = pick("gp_counters", int(sup.get("gp_counters") or 0)) if version else 0
         self.gp_width = pick("gp_width", int(sup.get("gp_width") or 48))
+        self.shape_bitmap = 0
         if intel and version >= 2:
             nfixed = pick("fixed_counters", int(sup.get("fixed_counters") or 0))
             bitmap = pick("fixed_bitmap", 0) if version >= 5 else 0
+            self.shape_bitmap = bitmap
             fmask = _mask(nfixed) | bitmap
             self.fixed = [i for i in range(len(FIXED_EVENTS)) if fmask >> i & 1]
         else:
@@ -973,7 +976,7 @@ class ModelDriver:
             out.append({"index": i, "exposed": exposed, "quirk": quirk,
                         "wrmsr": self._acc("wrmsr", base + stride * i, f"{pfx}{i}", ok, written=0xFFFF),
                         "rdmsr": self._acc("rdmsr", base + stride * i, f"{pfx}{i}", ok, val),
-                        "rdpmc": self._acc("rdpmc", i, f"RDPMC {i}", rd_ok, 0xFFFF if exposed else host_val),
+                        "rdpmc": self._acc("rdpmc", i, "RDPMC", rd_ok, 0xFFFF if exposed else host_val),
                         "selector_wrmsr": self._acc("wrmsr", sbase + sstride * i, f"{spfx}{i}",
                                                     exposed or leak or (intel and i < 2), written=0),
                         "clear": self._acc("wrmsr", base + stride * i, f"{pfx}{i}", ok, written=0)})
@@ -1014,16 +1017,19 @@ class ModelDriver:
         for i in range(4):
             ok = i in self.fixed and i < kvm_max
             ev = FIXED_EVENTS[i]
+            # the harness tries FIXED_CTR_CTRL / GLOBAL_CTRL alone only for unsupported counters
             out.append({"index": i, "supported": i in self.fixed,
-                        "wrmsr": self._acc("wrmsr", 0x309 + i, f"IA32_FIXED_CTR{i}", ok, written=0x1234),
-                        "rdmsr": self._acc("rdmsr", 0x309 + i, f"IA32_FIXED_CTR{i}", ok, 0x1234),
-                        "rdpmc": self._acc("rdpmc", (1 << 30) | i, f"RDPMC fixed {i}", ok, 0x1234),
-                        "ctrl_wrmsr": self._acc("wrmsr", 0x38D, "IA32_FIXED_CTR_CTRL", ok or rsvd_open,
-                                                written=0xB << (4 * i)),
-                        "global_ctrl_wrmsr": self._acc("wrmsr", 0x38F, "IA32_PERF_GLOBAL_CTRL", ok or rsvd_open,
-                                                       written=1 << (32 + i)),
+                        "wrmsr": self._acc("wrmsr", 0x309 + i, f"IA32_FIXED_CTR{i}", ok, written=0xFFFF),
+                        "rdmsr": self._acc("rdmsr", 0x309 + i, f"IA32_FIXED_CTR{i}", ok, 0xFFFF),
+                        "rdpmc": self._acc("rdpmc", (1 << 30) | i, "RDPMC fixed", ok, 0xFFFF),
+                        "ctrl_wrmsr": None if ok else self._acc("wrmsr", 0x38D, "IA32_FIXED_CTR_CTRL", rsvd_open,
+                                                                written=0x1 << (4 * i)),
+                        "global_ctrl_wrmsr": None if ok else self._acc("wrmsr", 0x38F, "IA32_PERF_GLOBAL_CTRL",
+                                                                       rsvd_open, written=1 << (32 + i)),
                         "count": self._jitter(rng, ev, c[ev]) if ok else None})
-        return {"fixed_counters": nfixed, "fixed_bitmap": self.fixed_bitmap, "version": self.version,
+        # fixed_bitmap: the CPUID.0AH:ECX the harness set (0 below version 5)
+        ecx = self.shape_bitmap if self.version >= 5 else 0
+        return {"fixed_counters": nfixed, "fixed_bitmap": ecx, "version": self.version,
                 "counters": out, "workload": w, "exceptions": []}
 
     def _p_counter_freeze(self, rng: random.Random, iterations: int) -> dict[str, Any]:
@@ -1128,10 +1134,11 @@ class ModelDriver:
                         "k7_rdmsr": self._acc("rdmsr", 0xC0010004 + i, f"MSR_K7_PERFCTR{i}", True, v),
                         "k7_wrmsr": self._acc("wrmsr", 0xC0010004 + i, f"MSR_K7_PERFCTR{i}", True, written=v),
                         "f15h_rdmsr": self._acc("rdmsr", 0xC0010201 + 2 * i, f"MSR_F15H_PERF_CTR{i}", True, alias),
-                        "rdpmc": self._acc("rdpmc", i, f"RDPMC {i}", True, v),
+                        "rdpmc": self._acc("rdpmc", i, "RDPMC", True, v),
                         "k7_sel_wrmsr": self._acc("wrmsr", 0xC0010000 + i, f"MSR_K7_EVNTSEL{i}", True,
-                                                  written=self._sel("instructions")),
-                        "f15h_sel_read": self._sel("instructions") if "k7_not_aliased" not in self.faults else 0,
+                                                  written=self._sel("instructions", enable=False)),
+                        "f15h_sel_read": self._sel("instructions", enable=False)
+                        if "k7_not_aliased" not in self.faults else 0,
                         "count": c["instructions"]})
         return {"workload": w, "counters": out, "exceptions": []}
 
@@ -1169,9 +1176,11 @@ class ModelDriver:
                     lvt = PMI_VECTOR
                 bit = idx if kind == "gp" else 32 + idx
                 ev = "branches" if kind == "gp" else FIXED_EVENTS[idx]
-                out.append({"kind": kind, "index": idx, "event": ev, "int": want_int, "count": rng.randint(1, 4),
+                # the loop runs on after the wrap: its branches minus the 64 before it, plus the handler's
+                count = OVERFLOW_LOOP - 64 + (rng.randint(4, 12) if got else 0)
+                out.append({"kind": kind, "index": idx, "event": ev, "int": want_int, "count": count,
                             "global_status": (1 << bit) if self.global_ctrl else None, "interrupts": got,
-                            "lvtpc_after": lvt if got else None})
+                            "lvtpc_after": lvt if got else PMI_VECTOR})
         return {"event": "branches", "vector": PMI_VECTOR, "counters": out, "exceptions": []}
 
 
