@@ -276,6 +276,9 @@ def test_local_broker_killed_mid_run_fails_fast_keeps_results(tmp_path: Path, fa
         while not marker.exists() and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.1)
         assert marker.exists(), proc.communicate(timeout=5)
+        while db_rows(farm_env, "SELECT status FROM jobs WHERE suite='smoke'") != [("passed",)]:
+            assert time.monotonic() < deadline and proc.poll() is None, "smoke's result never stored"
+            time.sleep(0.1)
         state = farm_env["FARM_STATE_DIR"]
         redis_pids = [int(p.name) for p in Path("/proc").iterdir()
                       if p.name.isdigit() and "redis-server" in _cmdline(p) and state in _cmdline(p)]

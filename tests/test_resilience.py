@@ -404,7 +404,8 @@ def test_volatile_broker_restart_is_not_blamed_on_the_host(tmp_path: Path) -> No
     proc = submit_bg(env, "--reports-dir", str(tmp_path / "r"), "submit", "suites/smoke", "--inventory",
                      str(inventory(tmp_path, ["steady"])), "--expires", "6")  # its agent is not up yet
     try:
-        wait_for(lambda: db(env, "SELECT task_id FROM jobs WHERE suite='smoke'"), 60, "the job to be queued", proc)
+        # The message itself in the queue (the task id is stored a moment before it is sent).
+        wait_for(lambda: server.client().llen("host.steady"), 60, "the job to be queued", proc)
         server.stop()
         server.start()
         out, _ = proc.communicate(timeout=60)
