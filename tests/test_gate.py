@@ -522,3 +522,19 @@ def test_sim_map_faults_for_uarch(tmp_path: Path) -> None:
     (tmp_path / "pmufarm-sim.yaml").write_text("zen4: [no_such_fault]\n")
     with pytest.raises(GateError, match="unknown fault 'no_such_fault'"):
         load_sim_map(tmp_path)
+
+
+def test_upstream_suites_run_the_gate_tree_on_local_hosts(tmp_path: Path) -> None:
+    """suites/kselftest_kvm judges a series by its own tree: provision_tree points local hosts' kernel_tree at
+    the worktree the gate built; a remote host (which cannot see it) keeps its inventory value."""
+    from orchestrator.gate.build import Build
+    from orchestrator.gate.provision import SshOptions
+    from orchestrator.gate.run import provision_tree
+    from orchestrator.inventory import Host
+
+    hosts = [Host(name="here"), Host(name="there", address="farm1.example", kernel_tree="/srv/linux")]
+    build = Build(role="candidate", worktree=tmp_path, commit="0" * 40, cmd="true", duration=0.0,
+                  log=tmp_path / "log", sim_faults=None)
+    prov = provision_tree(tmp_path, hosts, build, 1.0, lambda *_: None, SshOptions())
+    trees = {h.name: h.kernel_tree for h in prov.hosts}
+    assert trees == {"here": str(tmp_path), "there": "/srv/linux"}

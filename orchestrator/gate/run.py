@@ -21,7 +21,7 @@ from orchestrator.gate.baseline import build_digest, find_baselines, host_class,
 from orchestrator.gate.bisect import bisect
 from orchestrator.gate.build import DEFAULT_BUILD_CMD, SIM_FILE, run_build
 from orchestrator.gate.common import EXIT_INCONCLUSIVE, EXIT_INPUT, GateError
-from orchestrator.gate.provision import SshOptions, provision
+from orchestrator.gate.provision import Provisioned, SshOptions, provision
 from orchestrator.gate.series import intake
 from orchestrator.gate.verdict import (
     compare,
@@ -132,6 +132,17 @@ def _execute(store: Store, state_dir: Path, hosts: list[Host], suites: list[str]
         pools.reset()
 
 
+def provision_tree(tree: Path, hosts: list[Host], build: Any, timeout: float, echo: Any,
+                   ssh: SshOptions) -> Provisioned:
+    """provision(), then point the upstream suites at the tree just built: suites/kselftest_kvm judges a series
+    by the selftests of its own tree (agent/upstream.py). Only a ``local`` host can see the gate's worktree; a
+    remote host keeps its inventory's ``kernel_tree`` (shipping the tree is not done yet)."""
+    prov = provision(hosts, build, timeout, echo, ssh)
+    prov.hosts = [h.model_copy(update={"kernel_tree": str(tree)}) if h.address == "local" else h
+                  for h in prov.hosts]
+    return prov
+
+
 def predicted_class(h: Host, stored: dict[str, dict[str, Any]]) -> str | None:
     """The host class before running anything: simulated facts, or the last stored probe of a real host."""
     if h.driver == "model":
@@ -233,7 +244,7 @@ def _pipeline(o: GateOptions, store: Store, state_dir: Path, out: Path, work: Pa
             if base_build.sim_faults is None and any(h.driver == "model" for h in hosts):
                 report["notes"].append(f"the base tree has no {SIM_FILE}: simulated hosts run it without "
                                        "kernel-induced faults")
-            prov = provision(need, base_build, o.provision_timeout, echo, ssh)
+            prov = provision_tree(base_wt, need, base_build, o.provision_timeout, echo, ssh)
             meta = {**common, "role": "baseline", "kernel": {**kernel, "patchset_hash": ""}}
             meta["gate"] = {**common["gate"], "kernel_faults": prov.kernel_faults}
             new_baseline = _execute(store, state_dir, prov.hosts, suites, o.inventory,
@@ -251,7 +262,7 @@ def _pipeline(o: GateOptions, store: Store, state_dir: Path, out: Path, work: Pa
         if cand_build.sim_faults is None and any(h.driver == "model" for h in hosts):
             report["notes"].append(f"the candidate tree has no {SIM_FILE}: simulated hosts run it without "
                                    "kernel-induced faults")
-        prov = provision(hosts, cand_build, o.provision_timeout, echo, ssh)
+        prov = provision_tree(cand_wt, hosts, cand_build, o.provision_timeout, echo, ssh)
         cand_meta = {**common, "role": "candidate",
                      "kernel": {**kernel, "patchset_hash": series.patchset_hash},
                      "series": {"subject": series.subject, "patch_count": series.count,
@@ -300,7 +311,7 @@ def _pipeline(o: GateOptions, store: Store, state_dir: Path, out: Path, work: Pa
                 lambda wt, role, sha: run_build(wt, role, sha, o.build_cmd, o.build_timeout, out),
                 lambda hs, ss, ro: _execute(store, state_dir, hs, ss, o.inventory, ro, echo),
                 store, RunOptions(timeout=o.timeout, expires=o.expires, meta=cand_meta, tty=o.tty),
-                lambda hs, b: provision(hs, b, o.provision_timeout, echo, ssh), echo)
+                lambda hs, b: provision_tree(cand_wt, hs, b, o.provision_timeout, echo, ssh), echo)
             timing["bisect"] = round(time.monotonic() - t, 2)
             timing["to_first_bad"] = round(time.monotonic() - t0, 2)
         elif verdict == "regression" and series.count > 1:
