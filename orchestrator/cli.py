@@ -223,6 +223,9 @@ def _write_and_summarise(ctx: Ctx, run_id: str) -> int:
         paths, jobs = write_run_reports(ctx.store, run_id, ctx.reports_dir)
     except RunError as exc:
         fail(exc.code, str(exc))
+    except OSError as exc:  # the results are safe in the store; only their rendering failed
+        fail(EXIT_INFRA, f"run {run_id}: cannot write reports under {ctx.reports_dir}: {exc.strerror or exc} "
+                         f"({exc.filename}); the results are stored: `orchestrator report {run_id}` writes them")
     from orchestrator.reports.naming import not_tested_reason
     from orchestrator.reports.summary import verdict
 

@@ -39,6 +39,30 @@ class RunOptions:
     only: dict[tuple[str, str], list[str]] | None = None  # (host, suite) -> test node ids to (re-)run
 
 
+# Numeric settings from the environment: (name, integer?, minimum). Checked before a run exists, so a typo
+# is exit 2 naming the variable, never a traceback mid-run nor lost jobs charged to the hosts.
+ENV_NUMBERS = (("FARM_HEARTBEAT_INTERVAL", False, 0.1), ("FARM_MAX_ATTEMPTS", True, 1),
+               ("FARM_QUARANTINE_AFTER", True, 1), ("FARM_TASK_TIME_LIMIT", True, 61),
+               ("FARM_VISIBILITY_TIMEOUT", True, 1))
+
+
+def check_environment() -> None:
+    """Raise RunError(EXIT_INPUT) for a malformed or out-of-range numeric FARM_* setting."""
+    import math
+
+    for name, integer, minimum in ENV_NUMBERS:
+        raw = os.environ.get(name)
+        if raw is None:
+            continue
+        try:
+            value = int(raw) if integer else float(raw)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value >= minimum):
+            kind = "a whole number" if integer else "a number"
+            raise RunError(EXIT_INPUT, f"{name}={raw!r}: must be {kind} >= {minimum:g}")
+
+
 def job_exit_code(jobs: list[dict[str, Any]]) -> int:
     """Test failures win over infrastructure errors: they are findings; infra errors are 'unknown'.
 
@@ -82,6 +106,7 @@ def execute_run(store: Store, state_dir: Path, hosts: list[Host], suites: list[s
     from orchestrator import health
     from orchestrator.localfarm import LocalFarm, LocalFarmError, wait_for_workers
 
+    check_environment()
     broker = os.environ.get("FARM_BROKER_URL")
     if opts.no_wait and not broker:
         raise RunError(EXIT_INPUT, "--no-wait needs a farm broker (FARM_BROKER_URL): the local default stops its "

@@ -16,7 +16,7 @@ import pytest
 
 from orchestrator.localfarm import RedisServer, free_port
 from orchestrator.store import Store
-from tests.conftest import TREE, run_cli
+from tests.conftest import ROOT, TREE, run_cli
 from tests.test_resilience import busy, db, inventory, mark_good, start_worker, submit_bg, wait_for
 
 
@@ -149,3 +149,26 @@ def test_disk_full_mid_run_keeps_the_result_resumable(tmp_path: Path, farm: tupl
     finally:
         subprocess.run(["umount", "-l", str(state)], check=False)
 
+
+
+def test_unwritable_reports_dir_is_one_line_results_kept(tmp_path: Path) -> None:
+    """Reports cannot be written (a file where their directory should be): one line, exit 3, results stored."""
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    inv = tmp_path / "one.yaml"
+    inv.write_text("- {name: solo, address: local}\n")
+    env = {"FARM_STATE_DIR": str(tmp_path / "st"), "FARM_AGENT_STATE_DIR": str(tmp_path / "agent"),
+           "PMUFARM_TREE": str(TREE)}
+    mark_good(env, ["solo"])
+    r = run_cli("--reports-dir", str(blocker / "reports"), "submit", "suites/smoke", "--inventory", str(inv), env=env)
+    one_line_exit_3(r, "cannot write reports")
+    assert db(env, "SELECT status FROM jobs") == [("passed",)]
+    assert db(env, "SELECT COUNT(*) FROM results")[0][0] > 0
+
+
+def test_malformed_numeric_settings_refused(tmp_path: Path) -> None:
+    for name, value in (("FARM_MAX_ATTEMPTS", "0"), ("FARM_HEARTBEAT_INTERVAL", "soon"),
+                        ("FARM_QUARANTINE_AFTER", "-1")):
+        r = run_cli("--state-dir", str(tmp_path / "st"), "submit", "suites/smoke", "--inventory",
+                    str(ROOT / "inventory" / "sim.yaml"), env={"PMUFARM_TREE": str(TREE), name: value})
+        assert r.returncode == 2 and name in r.stderr and "Traceback" not in r.stderr, r.stderr
