@@ -67,14 +67,16 @@ def test_all_counters_at_once(probe, errata):
 
 @MEDIATED
 def test_cmask(probe):
-    """CMASK=2 on instructions counts fewer than the plain event (only cycles retiring >= 2).
+    """CMASK on instructions counts fewer than the plain event (cycles retiring at least CMASK, not
+    instructions).
 
-    Rule: kvm-unit-tests x86/pmu.c check_cmask(): count with CMASK is non-zero and below the plain count.
+    Rule: kvm-unit-tests x86/pmu.c check_cmask(): the CMASK count is below the plain one (upstream asserts
+    only that upper bound; a loop may never retire CMASK instructions in one cycle, so 0 is allowed).
     """
     obs = probe("cmask").observations
     plain, masked = obs["count_plain"], obs["count_cmask"]
     assert plain > 0, f"instructions did not count ({plain})"
-    assert 0 < masked < plain, f"CMASK={obs['cmask']} counted {masked}, plain {plain}: the mask was not applied"
+    assert 0 <= masked < plain, f"CMASK={obs['cmask']} counted {masked}, plain {plain}: the mask was not applied"
 
 
 @MEDIATED
