@@ -452,7 +452,9 @@ def test_faults_yaml_matches_the_implementation():
     rows = load_faults()
     assert [r["id"] for r in rows] == list(FAULTS)
     for r in rows:
-        assert set(r) == {"id", "description", "mirrors", "probes"}
+        # "emulated" (optional): the fault's form in the emulated PMU (agent/drivers/emulated.py)
+        assert {"id", "description", "mirrors", "probes"} <= set(r) <= {"id", "description", "mirrors", "probes",
+                                                                         "emulated"}
         assert r["description"] and "\n" not in r["description"].strip()
         assert r["mirrors"]
         assert tuple(r["probes"]) == FAULTS[r["id"]]
