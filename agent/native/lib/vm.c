@@ -393,6 +393,19 @@ int vcpu_add(struct vm *vm, int id, struct vcpu **out)
 		fail(vm, "KVM_SET_CPUID2: %s", strerror(e));
 		return e;
 	}
+	/*
+	 * With an in-kernel LAPIC every vCPU but the BSP starts in wait-for-SIPI, and KVM_RUN would
+	 * block forever: start the others runnable too (they run the same program, no INIT/SIPI).
+	 */
+	if (id != 0 && vm->irqchip != IRQCHIP_NONE) {
+		struct kvm_mp_state mp = { .mp_state = KVM_MP_STATE_RUNNABLE };
+
+		if (ioctl(v->fd, KVM_SET_MP_STATE, &mp) < 0) {
+			e = errno;
+			fail(vm, "KVM_SET_MP_STATE(RUNNABLE) on vCPU %d: %s", id, strerror(e));
+			return e;
+		}
+	}
 	e = epmu_vcpu_init(v);      /* the guest's emulated PMU follows the CPUID just set */
 	if (e) {
 		fail(vm, "emulated PMU vCPU setup: %s", strerror(e));
