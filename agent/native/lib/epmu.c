@@ -648,7 +648,6 @@ static void refresh(struct vcpu *v, struct epmu_vcpu *e, const struct kvm_cpuid2
 	const struct epmu_host *h = host;
 	struct epmu_vm *ev = v->vm->epmu;
 	struct pmu_info *p = &e->pmu;
-	uint32_t r[4] = { 0 };
 
 	h->r->l->decode(&gv, p);
 	e->pdcm = p->pdcm;
@@ -680,7 +679,6 @@ static void refresh(struct vcpu *v, struct epmu_vcpu *e, const struct kvm_cpuid2
 	/* vmx_get_perf_capabilities() under the mediated PMU: full-width writes, no LBR/PEBS. */
 	e->perf_caps = e->pdcm ? h->perf_caps : 0;
 	e->fw_writes = h->r->l != &intel_layout || (e->perf_caps & PERF_CAP_FW_WRITES);
-	(void)r;
 }
 
 static void debug_set(struct vcpu *v, struct epmu_vcpu *e, bool step)
@@ -964,7 +962,6 @@ static void retire(struct vcpu *v, struct epmu_vcpu *e, uint64_t rip_after)
 		if (br)
 			add(e, e->active_br, 1);
 	}
-	(void)v;
 	e->prev_rip = rip_after;
 }
 
