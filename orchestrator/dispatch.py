@@ -300,7 +300,9 @@ class Dispatcher:
         self.liveness()
         if not self._uptime_known or self._broker_now is None:
             return False
-        return self._broker_up_since > self._broker_now - (self._liveness_at - mono)
+        # INFO's uptime is in whole seconds: the server may have started up to 1 s before _broker_up_since, so a
+        # job queued within a second of a fresh broker's start is not a restart.
+        return self._broker_up_since - 1.0 > self._broker_now - (self._liveness_at - mono)
 
     def _infra(self, p: Pending, why: str, status: str = "infra_error") -> dict[str, Any]:
         return {"host": p.host.name, "suite": p.suite, "status": status, "exit_code": None, "facts": {},
