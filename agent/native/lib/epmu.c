@@ -254,7 +254,7 @@ int epmu_check(char *err, size_t len)
 	}
 #ifndef HAVE_CAPSTONE
 	snprintf(err, len, "the emulated PMU needs libcapstone to recognise branches: install Debian "
-		 "libcapstone-dev and rebuild agent/native (make -C agent/native clean all)");
+		 "libcapstone-dev and rebuild agent/native (make -C agent/native)");
 	return -1;
 #else
 	if (!cs_ready) {
@@ -962,6 +962,7 @@ static void retire(struct vcpu *v, struct epmu_vcpu *e, uint64_t rip_after)
 		if (br)
 			add(e, e->active_br, 1);
 	}
+	(void)v;        /* only the decoder reads guest memory */
 	e->prev_rip = rip_after;
 }
 
@@ -1286,6 +1287,7 @@ int epmu_io_exit(struct vcpu *v)
 		len = decode(v, e->prev_rip, &br, &id);
 #endif
 		(void)id;
+		(void)br;
 		/* The OUT retired inside KVM with no step exit: count it here, then go on from after it. */
 		retire(v, e, e->prev_rip + (uint64_t)len);
 	}
