@@ -51,6 +51,7 @@ class Pending:
     progress: dict[str, Any] = field(default_factory=dict)
     status: str = "queued"
     token: str | None = None  # echoed by the agent in its result: binds the result to this job
+    broker_run: str | None = None  # the broker's INFO run_id when the job was queued: it changes on every restart
 
 
 class BrokerLost(RuntimeError):
@@ -86,7 +87,8 @@ class Dispatcher:
                                                     "attempt": attempt, "timeout": self.timeout, "only": only,
                                                     "token": token},
                                  queue=host_queue(host.name), expires=self.expires, task_id=task_id)
-        p = Pending(job_id, host, suite, attempt, res, time.monotonic(), only, token=token)
+        p = Pending(job_id, host, suite, attempt, res, time.monotonic(), only, token=token,
+                    broker_run=self._broker_run_id())
         self.pending.append(p)
         return p
 
@@ -283,7 +285,7 @@ class Dispatcher:
                 return changed
         elif time.monotonic() - p.queued_at > self.expires:
             self._stop(p)
-            if self._broker_restarted_since(p.queued_at):
+            if self._broker_restarted_since(p):
                 job = self._infra(p, "job lost: the broker restarted after it was queued and did not keep its "
                                      "queue (no append-only file?); not counted against the host")
                 self._finish(p, job, False, charge=False)
@@ -295,14 +297,25 @@ class Dispatcher:
         self._finish(p, job, retry)
         return True
 
-    def _broker_restarted_since(self, mono: float) -> bool:
-        """Did the broker (re)start after the monotonic instant ``mono``? Only when INFO gave its uptime."""
+    def _broker_run_id(self) -> str | None:
+        """The server's run_id (new at every start), or None where INFO is refused or the broker is down."""
+        try:
+            if self._redis is None:
+                self._redis = redis_from_url(self.app.conf.broker_url)
+            return str(self._redis.info("server")["run_id"])
+        except (redis.RedisError, KeyError):
+            return None
+
+    def _broker_restarted_since(self, p: Pending) -> bool:
+        """Did the broker (re)start after ``p`` was queued? Exact by the server's run_id; where INFO was refused
+        at queue time, by its uptime (whole seconds) as this loop last read it."""
+        if p.broker_run is not None:
+            now_run = self._broker_run_id()
+            return now_run is not None and now_run != p.broker_run
         self.liveness()
         if not self._uptime_known or self._broker_now is None:
             return False
-        # INFO's uptime is in whole seconds: the server may have started up to 1 s before _broker_up_since, so a
-        # job queued within a second of a fresh broker's start is not a restart.
-        return self._broker_up_since - 1.0 > self._broker_now - (self._liveness_at - mono)
+        return self._broker_up_since > self._broker_now - (self._liveness_at - p.queued_at)
 
     def _infra(self, p: Pending, why: str, status: str = "infra_error") -> dict[str, Any]:
         return {"host": p.host.name, "suite": p.suite, "status": status, "exit_code": None, "facts": {},
