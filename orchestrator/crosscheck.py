@@ -71,8 +71,6 @@ DECLARED: list[Declared] = [
              "KVM's exit count includes the emulated PMU's own exits (MSR filter, single-step, breakpoints)"),
     Declared("*", r"observations\..*(host_vpmi_before|host_vpmi_after)",
              "the emulated PMI is injected by the VMM, never through the host's VPMI vector"),
-    Declared("*", r"observations\.exceptions\[\d+\]\.rip",
-             "guest code addresses: the model does not know the guest program's layout"),
     Declared("*", r"observations\.cpu", "the CPU the harness happened to run on"),
     Declared("privilege", r"observations\.host_guest_only\..*", "the emulated AMD layout follows KVM 7.0, "
              "where EVENTSEL bits 41:40 (Host-Only/Guest-Only) are reserved and dropped, and its CPUID has "
@@ -80,8 +78,6 @@ DECLARED: list[Declared] = [
              "EFER.SVME) is not emulated", layouts="amd"),
     Declared("cross_context", r"observations\.contexts\[[^\]]*\]\.(seed|values_read.*)",
              "the model draws its seeds at random; the harness's are fixed patterns"),
-    Declared("unexposed", r"observations\.accesses\[[^\]]*\]\.value",
-             "the model invents host values for accessible MSRs only under a fault"),
     Declared("running_write", r"observations\.(after_write_zero|from_minus_one\.count)",
              "counts over the guest's command interpreter between two commands depend on the compiled "
              "guest program, which the model only approximates"),
@@ -97,8 +93,6 @@ DECLARED: list[Declared] = [
     Declared("overflow_all", r"observations\.counters\[[^\]]*\]\.(count|lvtpc_after)",
              "MODEL GAP: a counter keeps counting after it wraps (1000 branches from -64 leave ~936, "
              "plus the handler's), and LVTPC reads back unmasked when no PMI was delivered"),
-    Declared("hidden_counters|legacy_k7|fixed_counters", r"observations\..*\.rdpmc\.name",
-             "MODEL GAP: the harness names RDPMC accesses without the index"),
     Declared("legacy_k7|fixed_counters|guards", r"observations\..*(written|value|sel_read|_wrmsr.*)",
              "MODEL GAP: the model's test patterns and selector values are not the harness's"),
     Declared("fixed_counters", r"observations\.fixed_bitmap",
