@@ -87,16 +87,11 @@ DECLARED: list[Declared] = [
     Declared("masked_events", r"status|reason|observations\..*",
              "the model does not simulate the masked-event load/store workload"),
     # -- MODEL GAP: the harness (KVM's rules as lib/epmu.c implements them) is right ------------------
-    Declared("overflow_status", r"observations\.after_set",
-             "MODEL GAP: intel_is_valid_msr() has GLOBAL_STATUS_SET only for version >= 4; KVM 7.0 "
-             "exposes version 2, so the write #GPs and nothing is set", layouts="intel"),
     Declared("overflow_all", r"observations\.counters\[[^\]]*\]\.(count|lvtpc_after)",
              "MODEL GAP: a counter keeps counting after it wraps (1000 branches from -64 leave ~936, "
              "plus the handler's), and LVTPC reads back unmasked when no PMI was delivered"),
     Declared("legacy_k7|fixed_counters|guards", r"observations\..*(written|value|sel_read|_wrmsr.*)",
              "MODEL GAP: the model's test patterns and selector values are not the harness's"),
-    Declared("fixed_counters", r"observations\.fixed_bitmap",
-             "MODEL GAP: the harness reports the CPUID.0AH:ECX bitmap it set (0 below version 5)"),
 ]
 
 

@@ -348,7 +348,8 @@ static int shape_cpuid(struct kvm_cpuid2 **tp, bool kvm)
 		e->eax = (uint32_t)version | (uint32_t)h->gp << 8 | (uint32_t)h->gp_width << 16 |
 			 h->nevents << 24;
 		e->ebx = ~h->events_mask & ((1U << h->nevents) - 1);
-		e->ecx = version >= 5 ? fmask : 0;
+		/* cpuid.c __do_cpuid_func() leaf 0xa: KVM reports ECX (the v5 fixed bitmap) as 0. */
+		e->ecx = !kvm && version >= 5 ? fmask : 0;
 		e->edx = nfixed | (uint32_t)h->fixed_width << 5;
 	}
 	if (!(e = leaf_entry(tp, 0x80000000, 0, true)))
@@ -656,8 +657,13 @@ static void refresh(struct vcpu *v, struct epmu_vcpu *e, const struct kvm_cpuid2
 		memset(p, 0, sizeof(*p));
 		return;
 	}
-	/* Clamped to what the (emulated) host supports: intel_pmu_refresh()/amd_pmu_refresh(). */
-	if (p->version > h->kvm_version)
+	/*
+	 * Counts and widths are clamped to what the (emulated) host supports, the version is not on
+	 * Intel: intel_pmu_refresh() takes pmu->version = eax.split.version_id from the guest's
+	 * CPUID as is, so a v4 guest on a host KVM reports as v2 has GLOBAL_STATUS_SET (below).
+	 * amd_pmu_refresh() derives 1 or 2 from the guest's PERFMON_V2 cap, which KVM masks.
+	 */
+	if (h->r->l != &intel_layout && p->version > h->kvm_version)
 		p->version = h->kvm_version;
 	if (p->gp > h->gp)
 		p->gp = h->gp;
@@ -674,7 +680,7 @@ static void refresh(struct vcpu *v, struct epmu_vcpu *e, const struct kvm_cpuid2
 		return;
 	}
 	p->has_global = p->version >= 2;
-	/* intel_is_valid_msr(): GLOBAL_STATUS_SET only with version >= 4; AMD: PerfMonV2. */
+	/* intel_is_valid_msr(): GLOBAL_STATUS_SET only with pmu->version >= 4 (the guest's); AMD: PerfMonV2. */
 	p->has_status_set = p->version >= (h->r->l == &intel_layout ? 4 : 2);
 	/* vmx_get_perf_capabilities() under the mediated PMU: full-width writes, no LBR/PEBS. */
 	e->perf_caps = e->pdcm ? h->perf_caps : 0;
