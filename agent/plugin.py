@@ -13,7 +13,10 @@ docs/contracts.md §4 (plugin) and §5 (result JSON).
   ``min_gp_counters`` and ``min_fixed_counters`` compare ``>=``; a tuple/list/set value means "one
   of". Unmet -> skip whose reason names the fact and the host's value.
 * ``@pytest.mark.errata(*symptom_classes)``: the symptom classes (contracts §6) that may bend the test.
-* Fixtures: ``facts``, ``flat_facts``, ``host``, ``pmufarm_driver``, ``probe``, ``errata``.
+* ``@pytest.mark.counts(*events)``: the test judges counts of these events; a host whose emulated PMU
+  does not model one (facts ``emulated.modelled_events``) skips it, naming that fact. ``counted(...)``
+  builds such params for ``parametrize``; the ``modelled`` fixture answers per event / fixed counter.
+* Fixtures: ``facts``, ``flat_facts``, ``host``, ``pmufarm_driver``, ``probe``, ``errata``, ``modelled``.
 
 Drivers observe; the suites judge. Nothing here knows what a probe's observations mean except the
 errata bounds of contracts §6, which live in ``SYMPTOMS`` below.
@@ -157,6 +160,47 @@ def unmet_requirements(flat: dict[str, Any], facts: dict[str, Any], wanted: dict
     return unmet
 
 
+def unmodelled(facts: dict[str, Any], events: Iterable[str]) -> list[str]:
+    """The events of ``events`` this host's PMU does not count for real. Only an emulated PMU declares
+    what it models (facts ``emulated.modelled_events``: agent/drivers/emulated.py); on any other host
+    every event is the hardware's, so nothing is unmodelled."""
+    modelled = (facts.get("emulated") or {}).get("modelled_events")
+    if modelled is None:
+        return []
+    return [e for e in dict.fromkeys(events) if e not in modelled]
+
+
+def unmodelled_reason(facts: dict[str, Any], events: Iterable[str]) -> str:
+    """The skip reason naming the fact, '' when every event is modelled."""
+    missing = unmodelled(facts, events)
+    if not missing:
+        return ""
+    have = (facts.get("emulated") or {}).get("modelled_events") or []
+    return f"emulated.modelled_events lacks {', '.join(missing)} (has {', '.join(have) or 'none'})"
+
+
+class Modelled:
+    """``modelled(event)``: does this host count ``event`` for real? For tests that judge several
+    counters in one observation: keep the modelled ones, ``skip_unless_any`` when none is left."""
+
+    def __init__(self, facts: dict[str, Any]):
+        self.facts = facts
+
+    def __call__(self, event: str) -> bool:
+        return not unmodelled(self.facts, [event])
+
+    def fixed(self, index: int) -> bool:
+        """Intel fixed counter ``index`` counts a modelled event (its event: vendors.py)."""
+        from agent.facts.vendors import INTEL_FIXED_COUNTERS
+
+        return index < len(INTEL_FIXED_COUNTERS) and self(INTEL_FIXED_COUNTERS[index])
+
+    def skip_unless_any(self, events: Iterable[str]) -> None:
+        events = list(events)
+        if events and all(not self(e) for e in events):
+            pytest.skip(unmodelled_reason(self.facts, events))
+
+
 # --------------------------------------------------------------------------------------------------
 # Session state
 
@@ -282,6 +326,9 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "errata(*symptom_classes): symptom classes (contracts §6) that may bend this test; "
         "a deviation they explain on a host with such an erratum is an xfail carrying the erratum ID")
     config.addinivalue_line(
+        "markers", "counts(*events): the test judges counts of these events (contracts §8 names); skip on a "
+        "host whose emulated PMU does not model one of them (facts emulated.modelled_events)")
+    config.addinivalue_line(
         "markers", "harness: checks the VM machinery, not the suite's subject (the mediated vPMU); a run "
         "where only harness tests ran is reported 'not tested here', never PASS")
     if _STATE in config.stash or config.option.help or config.option.markers:
@@ -337,6 +384,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         except KeyError as exc:
             item.stash[_PROBLEM] = str(exc.args[0])
             continue
+        counted = [e for mark in item.iter_markers("counts") for e in mark.args]
+        if counted and unmodelled(st.facts, counted):
+            unmet.append(unmodelled_reason(st.facts, counted))
         if unmet:
             item.add_marker(pytest.mark.skip(reason="; ".join(unmet)))
 
@@ -519,6 +569,17 @@ def _pmufarm_properties(pmufarm_state: PmufarmState, record_testsuite_property: 
     }
     for key, value in props.items():
         record_testsuite_property(key, "" if value is None else str(value))
+
+
+@pytest.fixture(scope="session")
+def modelled(pmufarm_state: PmufarmState) -> Modelled:
+    """``modelled(event) -> bool``, ``modelled.fixed(i)``: see ``Modelled`` (emulated hosts only say no)."""
+    return Modelled(pmufarm_state.facts)
+
+
+def counted(*events: str) -> list[Any]:
+    """``parametrize("event", counted(...))``: one param per event, each marked ``counts(event)``."""
+    return [pytest.param(e, marks=pytest.mark.counts(e)) for e in events]
 
 
 ProbeFn = Callable[..., ProbeResult]

@@ -123,10 +123,10 @@ PEBS_LBR_CAP_BITS = 0x24FFF & ~0x3F | 0x5  # what a leaking KVM would show: LBR 
 # (case, op, MSR) the guards probe touches, per vendor (protocol "guards").
 GUARD_CASES: dict[str, list[tuple[str, str, int]]] = {
     "intel": [("anythread_evtsel", "wrmsr", 0x186), ("anythread_fixed_ctrl", "wrmsr", 0x38D),
-              ("pebs_enable", "wrmsr", 0x3F1), ("ds_area", "wrmsr", 0x600), ("lbr_select", "wrmsr", 0x1C8),
-              ("lbr_tos", "rdmsr", 0x1C9), ("lbr_from0", "rdmsr", 0x680), ("arch_lbr_ctl", "wrmsr", 0x14CE),
+              ("pebs_enable", "wrmsr", 0x3F1), ("ds_area", "wrmsr", 0x600), ("lbr_select", "rdmsr", 0x1C8),
+              ("lbr_tos", "rdmsr", 0x1C9), ("lbr_from0", "rdmsr", 0x680), ("arch_lbr_ctl", "rdmsr", 0x14CE),
               ("perf_capabilities_write", "wrmsr", 0x345)],
-    "amd": [("amd_lbr_select", "wrmsr", 0xC000010E)],
+    "amd": [("anythread_evtsel", "wrmsr", 0xC0010200), ("amd_lbr_select", "rdmsr", 0xC000010E)],
 }
 PEBS_LBR_CASES = {"pebs_enable", "ds_area", "lbr_select", "lbr_tos", "lbr_from0", "arch_lbr_ctl", "amd_lbr_select"}
 # Probes whose guest needs a newer Intel PMU version than KVM reports (kvm.yaml version_clamp):
@@ -135,6 +135,18 @@ PROBE_MIN_VERSION = {"overflow_status": 4}
 
 # Event-select bits (same positions on Intel and AMD).
 EVTSEL_USR, EVTSEL_OS, EVTSEL_INT, EVTSEL_EN = 1 << 16, 1 << 17, 1 << 20, 1 << 22
+EVTSEL_ANY = 1 << 21                    # Intel AnyThread (v3+); reserved in KVM's guest selectors
+FIXED_CTRL_OS, FIXED_CTRL_ANY = 0x1, 0x4    # IA32_FIXED_CTR_CTRL field of fixed counter 0
+# What the guards probe writes, per case (lib/probes_isolation.c probe_guards, lib/pmu.c *_guards);
+# reads write nothing. anythread_evtsel and perf_capabilities_write depend on the guest (_guard_written).
+GUARD_WRITES = {"anythread_fixed_ctrl": FIXED_CTRL_OS | FIXED_CTRL_ANY, "pebs_enable": 0x1,
+                "ds_area": 0x200000}
+EVTSEL_ANY = 1 << 21                    # Intel AnyThread (v3+); reserved in KVM's guest selectors
+FIXED_CTRL_OS, FIXED_CTRL_ANY = 0x1, 0x4    # IA32_FIXED_CTR_CTRL field of fixed counter 0
+# What the guards probe writes, per case (lib/probes_isolation.c probe_guards, lib/pmu.c *_guards);
+# reads write nothing. anythread_evtsel and perf_capabilities_write depend on the guest (_guard_written).
+GUARD_WRITES = {"anythread_fixed_ctrl": FIXED_CTRL_OS | FIXED_CTRL_ANY, "pebs_enable": 0x1,
+                "ds_area": 0x200000}
 KVM_PMU_EVENT_FLAG_MASKED_EVENTS = 1
 PMI_VECTOR = 0x20          # the vector the harness programs into the guest LVTPC
 OVERFLOW_LOOP = 1000       # branches of the overflow_all loop (kvm-unit-tests check_counter_overflow)
@@ -996,13 +1008,36 @@ class ModelDriver:
                                       "host_after_run": caps},
                 "exceptions": []}
 
+    def _guard_written(self, case: str, op: str) -> int | None:
+        if op != "wrmsr":
+            return None
+        if case == "anythread_evtsel":
+            return self._sel("instructions", enable=False) | EVTSEL_ANY
+        if case == "perf_capabilities_write":
+            return self.perf_caps or 0      # the guest's own value: a write #GPs even of that
+        return GUARD_WRITES.get(case, 0)
+
+    def _guard_written(self, case: str, op: str) -> int | None:
+        if op != "wrmsr":
+            return None
+        if case == "anythread_evtsel":
+            return self._sel("instructions", enable=False) | EVTSEL_ANY
+        if case == "perf_capabilities_write":
+            return self.perf_caps or 0      # the guest's own value: a write #GPs even of that
+        return GUARD_WRITES.get(case, 0)
+
     def _p_guards(self, rng: random.Random) -> dict[str, Any]:
+        from agent.facts.vendors import VENDORS
+
         cases = GUARD_CASES[self.vendor]
+        dropped = VENDORS[self.vendor].guards_dropped
         acc = []
         for case, op, target in cases:
             ok = (case.startswith("anythread") and "anythread_allowed" in self.faults) or \
-                (case in PEBS_LBR_CASES and "pebs_lbr_exposed" in self.faults)
-            acc.append({**self._acc(op, target, case, ok, 0, written=1), "case": case})
+                (case in PEBS_LBR_CASES and "pebs_lbr_exposed" in self.faults) or \
+                case in dropped  # KVM masks the reserved bits instead of a #GP (vendors.py)
+            acc.append({**self._acc(op, target, case, ok, 0, written=self._guard_written(case, op)),
+                        "case": case})
         return {"accesses": acc, "exceptions": []}
 
     def _p_fixed_counters(self, rng: random.Random, iterations: int) -> dict[str, Any]:
@@ -1128,7 +1163,7 @@ class ModelDriver:
         w, c = self._loop(rng, self._iterations(iterations), "plain")
         out = []
         for i in range(min(4, self.gp)):
-            v = (0xA0 + i) << 32 | 0xC0DE0000 | i
+            v = 0x12345000 + i      # the harness's pattern (probes_counters.c probe_legacy_k7)
             alias = v if "k7_not_aliased" not in self.faults else 0
             out.append({"index": i, "written": v,
                         "k7_rdmsr": self._acc("rdmsr", 0xC0010004 + i, f"MSR_K7_PERFCTR{i}", True, v),
@@ -1167,6 +1202,12 @@ class ModelDriver:
     def _p_overflow_all(self, rng: random.Random) -> dict[str, Any]:
         out = []
         intel = self.vendor == "intel"
+        # the harness's loop: OVERFLOW_LOOP iterations of the plain loop, counted by every counter
+        _, loop = self._loop(rng, OVERFLOW_LOOP, "plain")
+        # the harness's loop: OVERFLOW_LOOP iterations of the plain loop, counted by every counter
+        _, loop = self._loop(rng, OVERFLOW_LOOP, "plain")
+        # the harness's loop: OVERFLOW_LOOP iterations of the plain loop, counted by every counter
+        _, loop = self._loop(rng, OVERFLOW_LOOP, "plain")
         for kind, idx in [("gp", i) for i in range(self.gp)] + [("fixed", j) for j in self.fixed]:
             for want_int in (True, False):
                 got = 1 if want_int and "pmi_lost" not in self.faults else 0
@@ -1176,8 +1217,11 @@ class ModelDriver:
                     lvt = PMI_VECTOR
                 bit = idx if kind == "gp" else 32 + idx
                 ev = "branches" if kind == "gp" else FIXED_EVENTS[idx]
-                # the loop runs on after the wrap: its branches minus the 64 before it, plus the handler's
-                count = OVERFLOW_LOOP - 64 + (rng.randint(4, 12) if got else 0)
+                # the counter counts on after the wrap (the SDM's counters are free-running): the loop's
+                # events minus the 64 before it, plus the PMI handler's own when one ran (its size is
+                # the compiled guest's: drawn here, declared in orchestrator/crosscheck.py)
+                handler = (rng.randint(4, 12) if ev == "branches" else rng.randint(30, 90)) if got else 0
+                count = self._jitter(rng, ev, loop[ev]) - 64 + handler
                 out.append({"kind": kind, "index": idx, "event": ev, "int": want_int, "count": count,
                             "global_status": (1 << bit) if self.global_ctrl else None, "interrupts": got,
                             "lvtpc_after": lvt if got else PMI_VECTOR})

@@ -57,6 +57,8 @@ class Vendor:
     perf_probes_legacy_counters: bool = False
     # ``pmu`` keys zeroed, beyond the common ones, in KVM's supported PMU when kvm.enable_pmu=N.
     zero_without_kvm_pmu: tuple[str, ...] = field(default=())
+    # Cases of the ``guards`` probe KVM takes without #GP, dropping the reserved bits instead.
+    guards_dropped: tuple[str, ...] = field(default=())
 
 
 # --- Intel ------------------------------------------------------------------------------------
@@ -206,6 +208,9 @@ AMD = Vendor(
     kvm_supported_rule=("perfmon_v2", rule_text("amd_kvm_no_v2")),
     perf_probes_legacy_counters=True,
     zero_without_kvm_pmu=("amd_core_counters",),
+    # svm/pmu.c amd_pmu_set_msr(): an EVNTSEL write is masked (data &= ~pmu->reserved_bits) and
+    # succeeds; reserved_bits include bit 21 (AnyThread on Intel), so it is dropped, never a #GP.
+    guards_dropped=("anythread_evtsel",),
 )
 
 VENDORS: dict[str, Vendor] = {v.name: v for v in (INTEL, AMD)}

@@ -13,13 +13,15 @@ LVT_MASKED = 1 << 16
 
 
 @MEDIATED
-def test_overflow_and_pmi_on_every_counter(probe, facts):
+def test_overflow_and_pmi_on_every_counter(probe, facts, modelled):
     """Every counter wraps, sets its GLOBAL_STATUS bit, and raises exactly one PMI iff INT is set."""
     obs = probe("overflow_all").observations
     assert obs["counters"], "no counter measured"
     intel = (facts.get("cpu") or {}).get("vendor") == "intel"
     bad = []
     for c in obs["counters"]:
+        if c["kind"] == "fixed" and not modelled.fixed(c["index"]):
+            continue            # it counts an event this host's PMU does not model: it never wraps
         name = f"{c['kind']}{c['index']} INT={int(c['int'])}"
         bit = c["index"] if c["kind"] == "gp" else 32 + c["index"]
         if c["global_status"] is not None and not c["global_status"] >> bit & 1:
