@@ -16,6 +16,8 @@ docs/contracts.md §4 (plugin) and §5 (result JSON).
 * ``@pytest.mark.counts(*events)``: the test judges counts of these events; a host whose emulated PMU
   does not model one (facts ``emulated.modelled_events``) skips it, naming that fact. ``counted(...)``
   builds such params for ``parametrize``; the ``modelled`` fixture answers per event / fixed counter.
+* ``@pytest.mark.judges(*rules)``: the same for KVM rules an emulated PMU declares it does not follow
+  (facts ``emulated.unmodelled_rules``, rule -> why).
 * Fixtures: ``facts``, ``flat_facts``, ``host``, ``pmufarm_driver``, ``probe``, ``errata``, ``modelled``.
 
 Drivers observe; the suites judge. Nothing here knows what a probe's observations mean except the
@@ -179,6 +181,12 @@ def unmodelled_reason(facts: dict[str, Any], events: Iterable[str]) -> str:
     return f"emulated.modelled_events lacks {', '.join(missing)} (has {', '.join(have) or 'none'})"
 
 
+def unmodelled_rules_reason(facts: dict[str, Any], rules: Iterable[str]) -> str:
+    """Why an emulated PMU does not follow one of ``rules`` (facts ``emulated.unmodelled_rules``), or ''."""
+    gaps = (facts.get("emulated") or {}).get("unmodelled_rules") or {}
+    return "; ".join(f"emulated.unmodelled_rules has {r}: {gaps[r]}" for r in dict.fromkeys(rules) if r in gaps)
+
+
 class Modelled:
     """``modelled(event)``: does this host count ``event`` for real? For tests that judge several
     counters in one observation: keep the modelled ones, ``skip_unless_any`` when none is left."""
@@ -329,6 +337,9 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "counts(*events): the test judges counts of these events (contracts §8 names); skip on a "
         "host whose emulated PMU does not model one of them (facts emulated.modelled_events)")
     config.addinivalue_line(
+        "markers", "judges(*rules): the test judges these KVM rules; skip on a host whose emulated PMU "
+        "declares it does not follow one of them (facts emulated.unmodelled_rules)")
+    config.addinivalue_line(
         "markers", "harness: checks the VM machinery, not the suite's subject (the mediated vPMU); a run "
         "where only harness tests ran is reported 'not tested here', never PASS")
     if _STATE in config.stash or config.option.help or config.option.markers:
@@ -387,6 +398,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         counted = [e for mark in item.iter_markers("counts") for e in mark.args]
         if counted and unmodelled(st.facts, counted):
             unmet.append(unmodelled_reason(st.facts, counted))
+        gaps = unmodelled_rules_reason(st.facts, [r for mark in item.iter_markers("judges") for r in mark.args])
+        if gaps:
+            unmet.append(gaps)
         if unmet:
             item.add_marker(pytest.mark.skip(reason="; ".join(unmet)))
 

@@ -39,6 +39,21 @@ FAULTS = ("counters_not_stopped_at_exit", "stale_counters_new_vm", "cross_contex
 SYMPTOMS = ("insn_overcount_on_vm_transition", "branch_overcount_on_vm_transition", "vmrun_counted_as_branch")
 # Probes that need a host PMU (host perf events, perf/KVM exclusion): unsupported on this driver.
 HOST_SIDE_PROBES = ("host_excludes_guest", "exclusivity")
+# KVM rules the emulated PMU does not follow (facts emulated.unmodelled_rules; suites skip on them).
+HOST_GUEST_BITS = ("host_guest_only_bits", "the layouts follow KVM 7.0, where AMD EVENTSEL bits 41:40 are "
+                   "reserved and dropped and the guest has no SVM; kvm-x86 2ed72677a5c1 is not emulated")
+PVM_USER_MODE = ("user_mode_counting", "KVM on a PVM host (kvm_pvm) gives no single-step exits at CPL 3, "
+                 "so the emulated PMU never sees a user-mode instruction")
+
+
+def unmodelled_rules() -> dict[str, str]:
+    """Rule name -> why the emulated PMU on this machine does not follow it."""
+    from agent.facts.kvm import kvm_vendor_modules
+
+    rules = dict([HOST_GUEST_BITS])
+    if "kvm_pvm" in kvm_vendor_modules():
+        rules.update([PVM_USER_MODE])
+    return rules
 
 
 def spec(host: dict[str, Any]) -> tuple[str, list[str], list[str] | None]:
@@ -121,6 +136,6 @@ def emulated_facts(host: dict[str, Any], binary: str | os.PathLike[str] | None =
     facts["simulated"] = True
     facts["faults"] = faults
     facts["emulated"] = {"layout": layout, "uarch": LAYOUTS[layout], "modelled_events": list(MODELLED_EVENTS),
-                         "faults": faults, "symptoms": _symptoms(facts),
+                         "faults": faults, "symptoms": _symptoms(facts), "unmodelled_rules": unmodelled_rules(),
                          "host_side_unsupported": list(HOST_SIDE_PROBES)}
     return facts

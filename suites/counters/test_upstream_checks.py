@@ -112,17 +112,27 @@ def test_privilege_filtering(probe, errata):
     w, counts = obs["workload"], obs["counts"]
     assert obs["cpl"] == 0, f"the loop ran at CPL{obs['cpl']}: USR/OS would swap"
     assert counts["usr"] == 0, f"a USR-only counter counted {counts['usr']} instructions of a CPL0 loop"
-    user = obs.get("user_loop")
-    if user is not None:
-        # the CPL3 loop at N and 2N: the difference is 2N user instructions and no kernel ones
-        n1, n2 = user["iterations"]
-        extra = user["insns_per_iter"] * (n2 - n1)
-        diff = {m: user["counts"][m][1] - user["counts"][m][0] for m in ("usr", "os", "both")}
-        assert diff["os"] == 0, f"an OS-only counter moved by {diff['os']} over {n2 - n1} more CPL3 iterations"
-        assert diff["usr"] == extra == diff["both"], \
-            f"USR/both moved by {diff['usr']}/{diff['both']} over {n2 - n1} more CPL3 iterations, expected {extra}"
     errata.exact_all([(f"instructions ({m})", counts[m], w["instructions"], w["vm_exits"], "instructions")
                       for m in ("os", "both")])
+
+
+@MEDIATED
+@pytest.mark.judges("user_mode_counting")
+def test_privilege_filtering_user_mode(probe):
+    """Over a CPL3 loop, USR-only and both count its instructions exactly and OS-only does not move.
+
+    Rule: as test_privilege_filtering (SDM 21.2.1 / APM 13.2.1 USR bit 16, OS bit 17).
+    """
+    user = probe("privilege").observations.get("user_loop")
+    if user is None:
+        pytest.skip("the probe did not run the CPL3 loop")
+    # the CPL3 loop at N and 2N: the difference is 2N user instructions and no kernel ones
+    n1, n2 = user["iterations"]
+    extra = user["insns_per_iter"] * (n2 - n1)
+    diff = {m: user["counts"][m][1] - user["counts"][m][0] for m in ("usr", "os", "both")}
+    assert diff["os"] == 0, f"an OS-only counter moved by {diff['os']} over {n2 - n1} more CPL3 iterations"
+    assert diff["usr"] == extra == diff["both"], \
+        f"USR/both moved by {diff['usr']}/{diff['both']} over {n2 - n1} more CPL3 iterations, expected {extra}"
 
 
 # svm_pmu_host_guest_test.c without its L2 steps: which of the four PMCs (none, guest_only, host_only,
@@ -137,6 +147,7 @@ HG_EXPECT = {
 
 @MEDIATED
 @pytest.mark.requires(vendor="amd", min_gp_counters=4)
+@pytest.mark.judges("host_guest_only_bits")
 def test_amd_host_guest_only_bits(probe):
     """AMD Host-Only / Guest-Only bits gate counting by the guest's EFER.SVME; a DENY filter stops all
     four counters and ALLOW restores them; toggling Host-Only off the "both" counter stops it."""
