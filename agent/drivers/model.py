@@ -141,12 +141,6 @@ FIXED_CTRL_OS, FIXED_CTRL_ANY = 0x1, 0x4    # IA32_FIXED_CTR_CTRL field of fixed
 # reads write nothing. anythread_evtsel and perf_capabilities_write depend on the guest (_guard_written).
 GUARD_WRITES = {"anythread_fixed_ctrl": FIXED_CTRL_OS | FIXED_CTRL_ANY, "pebs_enable": 0x1,
                 "ds_area": 0x200000}
-EVTSEL_ANY = 1 << 21                    # Intel AnyThread (v3+); reserved in KVM's guest selectors
-FIXED_CTRL_OS, FIXED_CTRL_ANY = 0x1, 0x4    # IA32_FIXED_CTR_CTRL field of fixed counter 0
-# What the guards probe writes, per case (lib/probes_isolation.c probe_guards, lib/pmu.c *_guards);
-# reads write nothing. anythread_evtsel and perf_capabilities_write depend on the guest (_guard_written).
-GUARD_WRITES = {"anythread_fixed_ctrl": FIXED_CTRL_OS | FIXED_CTRL_ANY, "pebs_enable": 0x1,
-                "ds_area": 0x200000}
 KVM_PMU_EVENT_FLAG_MASKED_EVENTS = 1
 PMI_VECTOR = 0x20          # the vector the harness programs into the guest LVTPC
 OVERFLOW_LOOP = 1000       # branches of the overflow_all loop (kvm-unit-tests check_counter_overflow)
@@ -1017,15 +1011,6 @@ class ModelDriver:
             return self.perf_caps or 0      # the guest's own value: a write #GPs even of that
         return GUARD_WRITES.get(case, 0)
 
-    def _guard_written(self, case: str, op: str) -> int | None:
-        if op != "wrmsr":
-            return None
-        if case == "anythread_evtsel":
-            return self._sel("instructions", enable=False) | EVTSEL_ANY
-        if case == "perf_capabilities_write":
-            return self.perf_caps or 0      # the guest's own value: a write #GPs even of that
-        return GUARD_WRITES.get(case, 0)
-
     def _p_guards(self, rng: random.Random) -> dict[str, Any]:
         from agent.facts.vendors import VENDORS
 
@@ -1202,10 +1187,6 @@ class ModelDriver:
     def _p_overflow_all(self, rng: random.Random) -> dict[str, Any]:
         out = []
         intel = self.vendor == "intel"
-        # the harness's loop: OVERFLOW_LOOP iterations of the plain loop, counted by every counter
-        _, loop = self._loop(rng, OVERFLOW_LOOP, "plain")
-        # the harness's loop: OVERFLOW_LOOP iterations of the plain loop, counted by every counter
-        _, loop = self._loop(rng, OVERFLOW_LOOP, "plain")
         # the harness's loop: OVERFLOW_LOOP iterations of the plain loop, counted by every counter
         _, loop = self._loop(rng, OVERFLOW_LOOP, "plain")
         for kind, idx in [("gp", i) for i in range(self.gp)] + [("fixed", j) for j in self.fixed]:

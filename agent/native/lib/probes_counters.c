@@ -477,7 +477,7 @@ enum probe_status probe_fixed_counters(struct probe_ctx *c)
 		if (a[i].ctrl) {
 			json_access(c->obs, "ctrl_wrmsr", "wrmsr", l->fixed_ctrl, "IA32_FIXED_CTR_CTRL", a[i].ctrl,
 				    true, FIXED_CTRL_OS << (4 * i));
-			json_access(c->obs, "global_ctrl_wrmsr", "wrmsr", l->global_ctrl, "GLOBAL_CTRL", a[i].gctl,
+			json_access(c->obs, "global_ctrl_wrmsr", "wrmsr", l->global_ctrl, "IA32_PERF_GLOBAL_CTRL", a[i].gctl,
 				    true, 1ULL << (32 + i));
 		} else {
 			json_null(c->obs, "ctrl_wrmsr");
