@@ -608,6 +608,9 @@ def test_predictions_follow_the_kvm_table(row):
         assert w["vm_exits"] == 1000 + (1 if differ else 0) == 1000 + w["global_ctrl_exits"]
         if vendor == "intel":
             assert d.run("overflow_status").observations["guest_pmu"]["version"] >= table["status_set_min_version"]
+            # the guest CPUID's version decides (intel_pmu_refresh()): below it GLOBAL_STATUS_SET #GPs
+            below = d.run("overflow_status", pmu_version=table["status_set_min_version"] - 1).observations
+            assert (below["guest_pmu"]["version"], below["after_set"]) == (table["status_set_min_version"] - 1, 0)
         pd = d.run("pmu_disabled").observations
         assert (pd["guest_pmu_version"], pd["guest_gp_counters"]) == (0, 0)
         assert d.run("pmi").observations["event"] == "branches"

@@ -801,7 +801,10 @@ class ModelDriver:
 
     def _p_overflow_status(self, rng: random.Random) -> dict[str, Any]:
         set_mask = 0x3 if self.gp >= 2 else 0x1
-        return {"counter": 0, "after_overflow": 0x1, "after_clear": 0, "after_set": set_mask,
+        # intel_is_valid_msr(): GLOBAL_STATUS_SET exists from the guest CPUID's version 4 (not
+        # clamped: intel_pmu_refresh()); below it the write #GPs and sets nothing. AMD: PerfMonV2.
+        has_set = self.vendor != "intel" or self.version >= int(self.row["status_set_min_version"])
+        return {"counter": 0, "after_overflow": 0x1, "after_clear": 0, "after_set": set_mask if has_set else 0,
                 "set_mask": set_mask}
 
     def _p_rdpmc(self, rng: random.Random) -> dict[str, Any]:
