@@ -159,6 +159,56 @@ def test_requires_skips_name_the_fact(tmp_path: Path) -> None:
     assert "agent/plugin.py" not in proc.stdout
 
 
+MODELLED_TESTS = '''
+import pytest
+
+from agent.plugin import counted
+
+@pytest.mark.parametrize("event", counted("instructions", "cycles"))
+def test_event(event):
+    pass
+
+@pytest.mark.counts("branches", "llc_misses", "ref_cycles")
+def test_pair():
+    pass
+
+@pytest.mark.judges("user_mode_counting")
+def test_cpl3():
+    pass
+
+def test_fixture(modelled):
+    assert modelled("instructions") and not modelled("cycles")
+    assert modelled.fixed(0) and not modelled.fixed(1) and not modelled.fixed(9)
+    modelled.skip_unless_any(["cycles", "ref_cycles"])
+'''
+
+
+def test_unmodelled_events_and_rules_skip_naming_the_fact(tmp_path: Path) -> None:
+    """Emulated host: events outside emulated.modelled_events and declared rule gaps skip, modelled
+    events run; a host without the fact (hardware, model) runs everything."""
+    f = {**facts(), "emulated": {"modelled_events": ["instructions", "branches"],
+                                 "unmodelled_rules": {"user_mode_counting": "no CPL3 steps here"}}}
+    proc, doc = run_suite(tmp_path / "emu", MODELLED_TESTS, f)
+    t = by_name(doc)
+    assert proc.returncode == 0, proc.stdout
+    assert t["test_event[instructions]"]["outcome"] == "passed"
+    assert t["test_event[cycles]"]["message"] == \
+        "emulated.modelled_events lacks cycles (has instructions, branches)"
+    assert t["test_pair"]["message"] == \
+        "emulated.modelled_events lacks llc_misses, ref_cycles (has instructions, branches)"
+    assert t["test_cpl3"]["message"] == "emulated.unmodelled_rules has user_mode_counting: no CPL3 steps here"
+    assert t["test_fixture"]["outcome"] == "skipped" and "lacks cycles, ref_cycles" in t["test_fixture"]["message"]
+
+    hardware = MODELLED_TESTS.split("def test_fixture")[0] + '''
+def test_fixture(modelled):
+    assert modelled("cycles") and modelled.fixed(1)
+    modelled.skip_unless_any(["cycles"])
+'''
+    proc, doc = run_suite(tmp_path / "hw", hardware, facts())
+    t = by_name(doc)
+    assert {n: r["outcome"] for n, r in t.items()} == {n: "passed" for n in t}, proc.stdout
+
+
 def test_unmet_requirements_unit() -> None:
     f = facts(mediated=False, reasons=["kvm.enable_pmu=N"])
     flat = {"vendor": "intel", "pmu_version": None, "gp_counters": 8, "fixed_counters": 3, "mediated_pmu": False,
