@@ -201,7 +201,7 @@ class Modelled:
         """Intel fixed counter ``index`` counts a modelled event (its event: vendors.py)."""
         from agent.facts.vendors import INTEL_FIXED_COUNTERS
 
-        return index < len(INTEL_FIXED_COUNTERS) and self(INTEL_FIXED_COUNTERS[index])
+        return self(INTEL_FIXED_COUNTERS[index] if index < len(INTEL_FIXED_COUNTERS) else f"fixed_counter_{index}")
 
     def skip_unless_any(self, events: Iterable[str]) -> None:
         events = list(events)

@@ -201,7 +201,7 @@ def test_unmodelled_events_and_rules_skip_naming_the_fact(tmp_path: Path) -> Non
 
     hardware = MODELLED_TESTS.split("def test_fixture")[0] + '''
 def test_fixture(modelled):
-    assert modelled("cycles") and modelled.fixed(1)
+    assert modelled("cycles") and modelled.fixed(1) and modelled.fixed(9)
     modelled.skip_unless_any(["cycles"])
 '''
     proc, doc = run_suite(tmp_path / "hw", hardware, facts())
