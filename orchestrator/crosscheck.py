@@ -76,8 +76,6 @@ DECLARED: list[Declared] = [
              "where EVENTSEL bits 41:40 (Host-Only/Guest-Only) are reserved and dropped, and its CPUID has "
              "no SVM (EFER.SVME #GPs); the follow-up 2ed72677a5c1 (counters disabled per those bits vs "
              "EFER.SVME) is not emulated", layouts="amd"),
-    Declared("cross_context", r"observations\.contexts\[[^\]]*\]\.(seed|values_read.*)",
-             "the model draws its seeds at random; the harness's are fixed patterns"),
     Declared("running_write", r"observations\.(after_write_zero|from_minus_one\.count)",
              "counts over the guest's command interpreter between two commands depend on the compiled "
              "guest program, which the model only approximates"),

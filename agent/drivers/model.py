@@ -668,7 +668,8 @@ class ModelDriver:
         if rounds < 1:
             raise _BadParam(f"rounds={rounds}: must be >= 1")
         mask = _mask(self.gp_width)
-        seeds = [(0x1111 << 32 | rng.getrandbits(32)) & mask, (0x2222 << 32 | rng.getrandbits(32)) & mask]
+        # the harness's seeds (lib/probes_isolation.c probe_cross_context): distinct per context
+        seeds = [((0x1111 * (i + 1)) << 32 | 0x5EED0000 | i) & mask for i in range(2)]
         leak = "cross_context_leak" in self.faults
         contexts = [{"id": i, "seed": s, "values_read": sorted(set(seeds)) if leak else [s]}
                     for i, s in enumerate(seeds)]
@@ -1190,8 +1191,11 @@ class ModelDriver:
     def _p_overflow_all(self, rng: random.Random) -> dict[str, Any]:
         out = []
         intel = self.vendor == "intel"
-        # the harness's loop: OVERFLOW_LOOP iterations of the plain loop, counted by every counter
-        _, loop = self._loop(rng, OVERFLOW_LOOP, "plain")
+        # the harness's loop: OVERFLOW_LOOP iterations of the exit-free plain loop, counted by every
+        # counter: instructions and branches by construction; the cycle-like fixed events only need
+        # to wrap (drawn). No exit in the window, so no exit-borne fault or erratum bends it.
+        w = workload(OVERFLOW_LOOP, "plain")
+        loop = {"instructions": w["instructions"], "branches": w["branches"]}
         for kind, idx in [("gp", i) for i in range(self.gp)] + [("fixed", j) for j in self.fixed]:
             for want_int in (True, False):
                 got = 1 if want_int and "pmi_lost" not in self.faults else 0
@@ -1205,7 +1209,8 @@ class ModelDriver:
                 # events minus the 64 before it, plus the PMI handler's own when one ran (its size is
                 # the compiled guest's: drawn here, declared in orchestrator/crosscheck.py)
                 handler = (rng.randint(4, 12) if ev == "branches" else rng.randint(30, 90)) if got else 0
-                count = self._jitter(rng, ev, loop[ev]) - 64 + handler
+                events = loop.get(ev) or int(w["instructions"] * rng.uniform(2.2, 3.0))
+                count = events - 64 + handler
                 out.append({"kind": kind, "index": idx, "event": ev, "int": want_int, "count": count,
                             "global_status": (1 << bit) if self.global_ctrl else None, "interrupts": got,
                             "lvtpc_after": lvt if got else PMI_VECTOR})
