@@ -199,9 +199,11 @@ PROBES: dict[str, ProbeSpec] = {p.name: p for p in [
               ', "gp": [{"counter": i, "event": name, "loop": "plain"|"clflush", "count": c, "kvm_exits": n or '
               'null (KVM\'s exit count over the batch holding only this loop, its PORT_DONE included)}], '
               '"fixed": [{"counter": j, "event": name, "loop": "plain", "count": c, "kvm_exits": n or null}], '
-              '"unavailable_enumerated": null (AMD) or {"ebx_length": 0, "host_events_mask": m, "gp": [same entries, '
-              'GP 0 only, every event the host has]} -- a second VM whose CPUID.0AH:EBX length is 0: KVM must not '
-              'refuse events the enumeration calls unavailable (pmu_counters_test.c test_arch_events)'),
+              '"unavailable_enumerated": null (AMD) or [{"ebx_length": L, "ebx_mask": m, "host_events_mask": m, '
+              '"gp": [same entries, GP 0 only, every event the host has]}] -- one VM per CPUID.0AH (EAX[31:24] '
+              'length, EBX unavailable mask): (0, 0), (N, all N bits), (N, alternate bits), (N+1, bit 1), N = '
+              'the vendor table\'s architectural events; KVM must not refuse events the enumeration calls '
+              'unavailable (pmu_counters_test.c test_intel_counters / test_arch_events)'),
     ProbeSpec("disabled_counter", True, {"iterations": 1000},
               "counters programmed with the enable bit clear do not move over the loop",
               '"gp": [{"counter": i, "before": v, "after": v}], "fixed": [{"counter": j, "before": v, '

@@ -95,6 +95,7 @@ FAULTS: dict[str, tuple[str, ...]] = {
     "v1_guest_gets_global_ctrl": ("hidden_counters",),
     "pmcx_without_fw_writes": ("counter_width",),
     "unavailable_events_refused": ("arch_events",),
+    "unavailable_mask_refused": ("arch_events",),
     "host_guest_bits_ignored": ("privilege",),
 }
 
@@ -145,6 +146,17 @@ KVM_PMU_EVENT_FLAG_MASKED_EVENTS = 1
 PMI_VECTOR = 0x20          # the vector the harness programs into the guest LVTPC
 OVERFLOW_LOOP = 1000       # branches of the overflow_all loop (kvm-unit-tests check_counter_overflow)
 GP_VECTOR = 13
+
+
+def arch_enum_combos() -> list[tuple[int, int]]:
+    """The (CPUID.0AH EBX length, unavailable mask) pairs arch_events measures, as
+    lib/probes_counters.c arch_events_unenumerated: a subset of pmu_counters_test.c
+    test_intel_counters()'s sweep -- length 0, N with all bits, N with alternate bits, N+1 with one."""
+    from agent.facts.vendors import VENDORS
+
+    n = len(VENDORS["intel"].arch_events)
+    full = (1 << n) - 1
+    return [(0, 0), (n, full), (n, 0x55555555 & full), (n + 1, 1 << 1)]
 
 
 @dataclass(frozen=True)
@@ -742,15 +754,27 @@ class ModelDriver:
                  for j in self.fixed]
         unavailable = None
         if self.vendor == "intel":
-            # a second VM whose CPUID.0AH:EBX length is 0: every host event still counts on GP 0
+            # one VM per CPUID.0AH (EBX length, unavailable mask): every host event still counts on GP 0
             # (pmu_counters_test.c test_arch_events: KVM does not refuse "unavailable" events)
-            refused = "unavailable_events_refused" in self.faults
             host_events = [e for e in (self.host_pmu.get("arch_events") or []) if e in self.events]
-            unavailable = {"ebx_length": 0, "host_events_mask": int(self.host_pmu.get("arch_events_mask") or 0),
-                           "gp": [{"counter": 0, "event": ev, "loop": "plain", "kvm_exits": kx,
-                                   "count": 0 if refused else self._jitter(rng, ev, c[ev])} for ev in host_events]}
+            unavailable = [{"ebx_length": length, "ebx_mask": mask,
+                            "host_events_mask": int(self.host_pmu.get("arch_events_mask") or 0),
+                            "gp": [{"counter": 0, "event": ev, "loop": "plain", "kvm_exits": kx,
+                                    "count": 0 if self._enum_refused(ev, length, mask) else
+                                    self._jitter(rng, ev, c[ev])} for ev in host_events]}
+                           for length, mask in arch_enum_combos()]
         return {"workload": w, "workload_clflush": wc, "gp": gp, "fixed": fixed,
                 "unavailable_enumerated": unavailable}
+
+    def _enum_refused(self, event: str, length: int, mask: int) -> bool:
+        """Under a fault only: KVM refusing an event its CPUID.0AH enumeration calls unavailable
+        (index at or beyond the EBX length, or its EBX bit set; faults.yaml)."""
+        from agent.facts.vendors import VENDORS
+
+        idx = [e.name for e in VENDORS["intel"].arch_events].index(event)
+        beyond, masked = idx >= length, bool(mask >> idx & 1)
+        return ("unavailable_events_refused" in self.faults and (beyond or masked)) or \
+            ("unavailable_mask_refused" in self.faults and masked and not beyond)
 
     def _p_disabled_counter(self, rng: random.Random, iterations: int) -> dict[str, Any]:
         self._iterations(iterations)

@@ -137,20 +137,27 @@ def test_intel_fixed_counter(probe, errata, facts, index):
 @pytest.mark.requires(vendor="intel")
 @COUNT_ERRATA
 def test_unavailable_events_still_count(probe, errata, modelled):
-    """With CPUID.0AH:EBX length 0 (every architectural event "unavailable"), each event the host has
-    still counts on GP 0: KVM does not police the enumeration.
+    """Whatever CPUID.0AH says is unavailable (beyond the EAX[31:24] length or with its EBX bit set),
+    each event the host has still counts on GP 0: KVM does not police the enumeration.
 
-    Rule: pmu_counters_test.c test_arch_events() / guest_test_arch_event(): the EBX length and
-    unavailable-mask combinations, with events programmed regardless of what CPUID says.
+    Rule: pmu_counters_test.c test_intel_counters() / test_arch_events(): lengths 0..N+1 against
+    masks 0, all ones, single and multi-bit, events programmed regardless of what CPUID says. The
+    probe measures a subset (agent/drivers/model.py arch_enum_combos): each VM measures every host
+    event, so the full sweep (2^N masks) would cost thousands of VMs per run.
     """
     obs = probe("arch_events").observations
-    ue = obs["unavailable_enumerated"]
-    assert ue is not None and ue["ebx_length"] == 0, f"no EBX-length-0 VM measured: {ue}"
-    assert ue["gp"], "no event measured in the EBX-length-0 VM"
+    combos = obs["unavailable_enumerated"]
+    assert combos, f"no EBX length / mask VM measured: {combos}"
+    assert any(u["ebx_length"] == 0 for u in combos), "the EBX-length-0 VM is missing"
+    assert any(u["ebx_mask"] and u["ebx_length"] for u in combos), "no VM with unavailable-mask bits"
     w = obs["workload"]
-    exact = [(f"GP0 {e['event']} (EBX length 0)", e["count"], w[e["event"]], w["vm_exits"], e["event"],
-              e.get("kvm_exits")) for e in ue["gp"] if e["event"] in EXACT]
-    dead = [e["event"] for e in ue["gp"]
-            if e["event"] in NON_ZERO - NEEDS_CLFLUSH and e["count"] == 0 and modelled(e["event"])]
-    assert not dead, f"events refused in the EBX-length-0 VM (counted 0): {dead}"
+    exact, dead = [], []
+    for u in combos:
+        tag = f"EBX length {u['ebx_length']} mask {u['ebx_mask']:#x}"
+        assert u["gp"], f"no event measured in the {tag} VM"
+        exact += [(f"GP0 {e['event']} ({tag})", e["count"], w[e["event"]], w["vm_exits"], e["event"],
+                   e.get("kvm_exits")) for e in u["gp"] if e["event"] in EXACT]
+        dead += [f"{e['event']} ({tag})" for e in u["gp"]
+                 if e["event"] in NON_ZERO - NEEDS_CLFLUSH and e["count"] == 0 and modelled(e["event"])]
+    assert not dead, f"events refused where CPUID calls them unavailable (counted 0): {dead}"
     errata.exact_all(exact)

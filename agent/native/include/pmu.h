@@ -51,6 +51,10 @@ struct pmu_info {
 	uint32_t fixed_mask;    /* supported fixed counters */
 	uint32_t events_mask;   /* bit i: layout->events[i] available */
 	bool pdcm;              /* Intel: IA32_PERF_CAPABILITIES exists */
+	/* Intel encode only: write CPUID.0AH EAX[31:24] and EBX as given instead of deriving them from
+	 * events_mask (probe arch_events' EBX length / unavailable-mask combinations). */
+	bool ebx_forced;
+	uint32_t ebx_length, ebx;
 	bool hybrid;            /* Intel: CPUID.07H:EDX[15] */
 	bool perfctr_core;      /* AMD: CPUID 0x80000001 ECX[23] */
 	bool perfmon_v2;        /* AMD: CPUID 0x80000022 EAX[0] */

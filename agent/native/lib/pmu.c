@@ -140,6 +140,10 @@ static int intel_encode(struct kvm_cpuid2 **t, const struct pmu_info *p, bool no
 		e->eax = ((uint32_t)p->version & 0xff) | ((uint32_t)p->gp & 0xff) << 8 |
 			 ((uint32_t)p->gp_width & 0xff) << 16 | len << 24;
 		e->ebx = ~p->events_mask & (len >= 32 ? ~0u : (1u << len) - 1);
+		if (p->ebx_forced) {
+			e->eax = (e->eax & 0x00ffffffu) | (p->ebx_length & 0xff) << 24;
+			e->ebx = p->ebx;
+		}
 		e->ecx = p->fixed_ecx;
 		e->edx = (e->edx & ~0x1fffu) | ((uint32_t)p->fixed_contig & 0x1f) |
 			 ((uint32_t)p->fixed_width & 0xff) << 5;

@@ -76,11 +76,16 @@ static enum probe_status arch_entry(struct probe_ctx *c, struct vcpu *v, const c
 }
 
 /*
- * pmu_counters_test.c test_arch_events(): KVM must not refuse an event because the guest's
- * CPUID.0AH:EBX says it is unavailable -- events the hardware has still count.  Here the
- * strongest case: EBX length 0, every event the host has, on GP counter 0 (Intel only).
+ * pmu_counters_test.c test_intel_counters() / test_arch_events(): KVM must not refuse an event
+ * because the guest's CPUID.0AH says it is unavailable (EAX[31:24] length, EBX bit set) -- every
+ * event the hardware has still counts.  The selftest sweeps lengths 0..N+1 against masks 0, all
+ * ones and each single bit, and every multi-bit mask at length N; each combination here is a VM
+ * that measures every host event on GP 0, so a representative subset: length 0 (everything beyond
+ * the length), N with every bit set, N with alternate bits (a multi-bit mask), and N+1 (longer than
+ * the events KVM knows) with one bit.  Intel only (AMD has no such enumeration).
  */
-static enum probe_status arch_events_unenumerated(struct probe_ctx *c, uint64_t n, bool clflush)
+static enum probe_status arch_events_combo(struct probe_ctx *c, uint32_t len, uint32_t mask,
+					   uint64_t n, bool clflush)
 {
 	const struct pmu_layout *l = c->l;
 	struct guest_pmu_cfg cfg = c->guest;
@@ -90,17 +95,16 @@ static enum probe_status arch_events_unenumerated(struct probe_ctx *c, uint64_t 
 	struct vcpu *v;
 	struct vm vm;
 
-	if (!l->fixed_base || !cfg.layout || c->pmu.version < 2) {
-		json_null(c->obs, "unavailable_enumerated");
-		return PROBE_OK;
-	}
-	cfg.pmu.events_mask = 0;
+	cfg.pmu.ebx_forced = true;
+	cfg.pmu.ebx_length = len;
+	cfg.pmu.ebx = mask;
 	if (probe_vm(c, &vm, &v, &o)) {
 		vm_destroy(&vm);
 		return PROBE_ERROR;
 	}
-	json_obj_begin(c->obs, "unavailable_enumerated");
-	json_i64(c->obs, "ebx_length", 0);
+	json_obj_begin(c->obs, NULL);
+	json_i64(c->obs, "ebx_length", len);
+	json_u64(c->obs, "ebx_mask", mask);
 	json_u64(c->obs, "host_events_mask", hw);
 	json_arr_begin(c->obs, "gp");
 	for (size_t k = 0; k < l->nevents && ret == PROBE_OK; k++)
@@ -110,6 +114,25 @@ static enum probe_status arch_events_unenumerated(struct probe_ctx *c, uint64_t 
 	json_arr_end(c->obs);
 	json_obj_end(c->obs);
 	vm_destroy(&vm);
+	return ret;
+}
+
+static enum probe_status arch_events_unenumerated(struct probe_ctx *c, uint64_t n, bool clflush)
+{
+	uint32_t nev = (uint32_t)c->l->nevents, all = (1u << nev) - 1;
+	const uint32_t combos[][2] = {
+		{ 0, 0 }, { nev, all }, { nev, 0x55555555u & all }, { nev + 1, 1u << 1 },
+	};
+	enum probe_status ret = PROBE_OK;
+
+	if (!c->l->fixed_base || !c->guest.layout || c->pmu.version < 2) {
+		json_null(c->obs, "unavailable_enumerated");
+		return PROBE_OK;
+	}
+	json_arr_begin(c->obs, "unavailable_enumerated");
+	for (size_t i = 0; i < sizeof(combos) / sizeof(combos[0]) && ret == PROBE_OK; i++)
+		ret = arch_events_combo(c, combos[i][0], combos[i][1], n, clflush);
+	json_arr_end(c->obs);
 	return ret;
 }
 
