@@ -90,6 +90,8 @@ WORKLOAD_CLFLUSH = ("the clflush loop (pmu_counters_test.c GUEST_MEASURE_EVENT: 
 #   fixed_bitmap     CPUID.0AH:ECX, the v5 supported-fixed-counter bitmap (Intel)
 #   perf_capabilities  IA32_PERF_CAPABILITIES set by the host (KVM_SET_MSRS) before the first
 #                    KVM_RUN (Intel; e.g. 0 or 0x2000 = FW_WRITES)
+#   pdcm             CPUID.1:ECX[15] (Intel): 0 clears it, so the guest has no PERF_CAPABILITIES
+#                    (vmx_pmu_caps_test.c perf_capabilities_unsupported); needs perf_capabilities <= 0
 # A PMU-disabled VM (KVM_PMU_CAP_DISABLE) always gets CPUID with no PMU: KVM never edits CPUID
 # (Documentation/virt/kvm/api.rst, KVM_CAP_PMU_CAPABILITY: "Usermode should adjust CPUID leaf 0xA").
 # The Intel PMU version a probe's guest gets by default when KVM reports less (pmu_version=-1).
@@ -97,7 +99,7 @@ INTEL_VERSION_NEEDED: dict[str, int] = {"overflow_status": 4}
 
 GUEST_PMU_PARAMS: dict[str, int] = {
     "pmu_version": -1, "gp_counters": -1, "gp_width": -1, "fixed_counters": -1, "fixed_bitmap": -1,
-    "perf_capabilities": -1,
+    "perf_capabilities": -1, "pdcm": -1,
 }
 
 # Observations every PMU probe adds (status ok or error) on top of its own:
@@ -182,7 +184,9 @@ PROBES: dict[str, ProbeSpec] = {p.name: p for p in [
               '"cpuid": {"0xa": [eax, ebx, ecx, edx] or null, "0x1": [...], "0x80000001": [...] or null, '
               '"0x80000022": [...] or null}, "decoded": {same keys as guest_pmu, from the guest\'s own CPUID}, '
               '"perf_capabilities": {"guest_rdmsr": ' + _ACCESS + ' or null (AMD), "host_before_run": v or '
-              'null, "host_set_after_run_errno": e or null, "host_after_run": v or null}, "exceptions": [...]'),
+              'null, "host_set_after_run_errno": e or null, "host_after_run": v or null, "without_pdcm": null (the '
+              'guest has PDCM, or AMD) or {"host_read": v, "host_set_zero_errno": e, "host_set_bits_accepted": '
+              'mask of the single-bit values KVM_SET_MSRS took before KVM_RUN}}, "exceptions": [...]'),
     ProbeSpec("guards", True, {},
               "mediated-vPMU guards that must #GP: AnyThread (EVTSEL bit 21, FIXED_CTR_CTRL bit 2), PEBS, DS "
               "and LBR MSRs (no PEBS/LBR under the mediated PMU: vmx_get_perf_capabilities), a guest WRMSR of "

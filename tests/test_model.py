@@ -57,7 +57,7 @@ GRID += [("cross_context", {"kind": "vm"}), ("cross_context", {"kind": "vcpu"})]
 GRID += [("hidden_counters", {"gp_counters": 2}), ("hidden_counters", {"pmu_version": 0}),
          ("hidden_counters", {"pmu_version": 1}),
          ("counter_width", {"perf_capabilities": 0}), ("hidden_counters", {"perf_capabilities": 0}),
-         ("fixed_counters", {"fixed_counters": 1})]
+         ("fixed_counters", {"fixed_counters": 1}), ("pmu_enum", {"pdcm": 0})]
 
 WORKLOAD_KEYS = {"iterations", "instructions", "branches", "vm_exits", "global_ctrl_exits", "loop", "kvm_exits"}
 TOP_KEYS = {

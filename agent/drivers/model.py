@@ -95,6 +95,7 @@ FAULTS: dict[str, tuple[str, ...]] = {
     "v1_guest_gets_global_ctrl": ("hidden_counters",),
     "pmcx_without_fw_writes": ("counter_width",),
     "unavailable_events_refused": ("arch_events",),
+    "perf_caps_without_pdcm": ("pmu_enum",),
     "unavailable_mask_refused": ("arch_events",),
     "host_guest_bits_ignored": ("privilege",),
 }
@@ -115,7 +116,8 @@ EVENT_FILTER_CASES = ("none", "allow_member", "allow_nonmember", "deny_member", 
 CLFLUSH_EVENTS = ("llc_references", "llc_misses", "topdown_be_bound")
 
 # protocol GUEST_PMU_PARAMS (absent in older catalogues): shape the guest, never a handler's argument.
-SHAPE_KEYS = ("pmu_version", "gp_counters", "gp_width", "fixed_counters", "fixed_bitmap", "perf_capabilities")
+SHAPE_KEYS = ("pmu_version", "gp_counters", "gp_width", "fixed_counters", "fixed_bitmap", "perf_capabilities",
+              "pdcm")
 # Probes that still run with 0 guest GP counters (they look at what is NOT there).
 NO_COUNTER_PROBES = {"hidden_counters", "pmu_enum", "guards", "pmu_disabled", "exclusivity", "fixed_counters"}
 # IA32_PERF_CAPABILITIES LBR_FMT[5:0], PEBS_TRAP[6], PEBS_ARCH_REG[7], PEBS_FMT[11:8], PEBS_BASELINE[14],
@@ -446,7 +448,9 @@ class ModelDriver:
         self.fixed_bitmap = sum(1 << j for j in self.fixed)
         self.fixed_width = int(sup.get("fixed_width") or self.gp_width) if self.fixed else 0
         fw_default = 0x2000 if sup.get("full_width_writes", intel) else 0
-        self.perf_caps = pick("perf_capabilities", fw_default) if intel else None
+        # vmx/pmu_intel.h vcpu_get_perf_capabilities(): 0 without PDCM in the guest CPUID
+        self.pdcm = intel and bool(pick("pdcm", 1 if sup.get("pdcm", True) is not False else 0))
+        self.perf_caps = (pick("perf_capabilities", fw_default) if self.pdcm else 0) if intel else None
         self.full_width_writes = bool(self.perf_caps and self.perf_caps & 0x2000) if intel else True
         self.global_ctrl = version >= 2
         self.path = self.kvm_path()
@@ -1023,11 +1027,19 @@ class ModelDriver:
         caps = self.perf_caps
         if caps is not None and "pebs_lbr_exposed" in self.faults:
             caps |= PEBS_LBR_CAP_BITS
-        rd = self._acc("rdmsr", 0x345, "IA32_PERF_CAPABILITIES", True, caps) if caps is not None else None
+        without_pdcm = None
+        if caps is not None and not self.pdcm:
+            # x86.c kvm_{get,set}_msr_common(): without PDCM the guest's RDMSR #GPs, the host reads 0
+            # and may write only 0 (vmx_pmu_caps_test.c perf_capabilities_unsupported)
+            leak = "perf_caps_without_pdcm" in self.faults
+            caps = 0x2000 if leak else 0
+            without_pdcm = {"host_read": caps, "host_set_zero_errno": 0, "host_set_bits_accepted": caps}
+        readable = self.pdcm or "perf_caps_without_pdcm" in self.faults
+        rd = self._acc("rdmsr", 0x345, "IA32_PERF_CAPABILITIES", readable, caps) if caps is not None else None
         return {"cpuid": {}, "decoded": self.guest_pmu(),
                 "perf_capabilities": {"guest_rdmsr": rd, "host_before_run": caps,
                                       "host_set_after_run_errno": None if caps is None else EINVAL,
-                                      "host_after_run": caps},
+                                      "host_after_run": caps, "without_pdcm": without_pdcm},
                 "exceptions": []}
 
     def _guard_written(self, case: str, op: str) -> int | None:

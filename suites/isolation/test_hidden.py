@@ -114,6 +114,29 @@ def test_perf_capabilities_no_pebs_lbr_and_immutable(probe):
         f"PERF_CAPABILITIES changed after KVM_RUN: {caps['host_before_run']:#x} -> {caps['host_after_run']:#x}"
 
 
+@pytest.mark.requires(mediated_pmu=True, vendor="intel", ignore_msrs=False)
+def test_perf_capabilities_without_pdcm(probe):
+    """With CPUID.1:ECX.PDCM cleared by the VMM, IA32_PERF_CAPABILITIES does not exist for the guest
+    (RDMSR #GPs) and the host reads 0 and may write only 0: every single-bit value fails.
+
+    Rule: x86.c kvm_get_msr_common() / kvm_set_msr_common() MSR_IA32_PERF_CAPABILITIES return
+    KVM_MSR_RET_UNSUPPORTED without guest PDCM (the host's read and its write of 0 are exempt);
+    vmx_pmu_caps_test.c perf_capabilities_unsupported. The LBR half of vmx_pmu_caps_test.c
+    (lbr_perf_capabilities: LBR_TOS unusable once the PMU CPUID is cleared) cannot apply: the mediated
+    vPMU offers no LBR format, so that selftest returns early (test_guards_fault covers the LBR MSRs #GP).
+    """
+    obs = probe("pmu_enum", pdcm=0).observations
+    caps = obs["perf_capabilities"]
+    np = caps.get("without_pdcm")
+    assert np is not None, f"the pdcm=0 VM measured nothing without PDCM: {caps}"
+    rd = caps["guest_rdmsr"]
+    assert rd is not None and rd["vector"] == GP_VECTOR, f"guest RDMSR of PERF_CAPABILITIES without PDCM: {rd}"
+    assert np["host_read"] == 0, f"host reads PERF_CAPABILITIES {np['host_read']:#x} without PDCM (want 0)"
+    assert np["host_set_zero_errno"] == 0, f"host write of 0 refused without PDCM: errno {np['host_set_zero_errno']}"
+    assert np["host_set_bits_accepted"] == 0, \
+        f"KVM_SET_MSRS took PERF_CAPABILITIES bits {np['host_set_bits_accepted']:#x} without PDCM"
+
+
 @pytest.mark.requires(mediated_pmu=True, ignore_msrs=False)
 @pytest.mark.parametrize("version", range(6), ids=lambda v: f"v{v}")
 def test_pmu_version_matrix(probe, facts, version):

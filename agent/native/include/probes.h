@@ -40,7 +40,7 @@ struct probe {
 
 /* Guest-PMU shaping options every PMU probe takes (agent/protocol.py GUEST_PMU_PARAMS). */
 enum { SHAPE_VERSION, SHAPE_GP, SHAPE_GP_WIDTH, SHAPE_FIXED, SHAPE_FIXED_BITMAP, SHAPE_PERF_CAPS,
-       PROBE_NSHAPE };
+       SHAPE_PDCM, PROBE_NSHAPE };
 
 struct probe_ctx {
 	const struct probe *probe;

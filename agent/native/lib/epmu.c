@@ -1171,6 +1171,10 @@ int epmu_host_msr(struct vcpu *v, uint32_t msr, uint64_t *val, bool write)
 			*val = e->perf_caps;
 			return 0;
 		}
+		/* kvm_set_msr_common(): without PDCM in the guest CPUID only the host's write of 0
+		 * passes (KVM_MSR_RET_UNSUPPORTED; vmx_pmu_caps_test.c perf_capabilities_unsupported). */
+		if (!e->pdcm)
+			return *val ? EINVAL : 0;
 		/* vmx_set_msr(): only bits KVM supports; the FW_WRITES bit gates the PMCx aliases.
 		 * kvm_set_msr_common(): a feature MSR is immutable once the vCPU has run. */
 		if (*val & ~host->perf_caps || (e->has_run && *val != e->perf_caps))

@@ -148,9 +148,10 @@ static int intel_encode(struct kvm_cpuid2 **t, const struct pmu_info *p, bool no
 		e->edx = (e->edx & ~0x1fffu) | ((uint32_t)p->fixed_contig & 0x1f) |
 			 ((uint32_t)p->fixed_width & 0xff) << 5;
 	}
+	/* PDCM (CPUID.1:ECX[15]) as the PMU says: vmx_pmu_caps_test.c clears it on its own. */
 	one = table_entry(t, 1, 0, false);
-	if (one && no_pmu)
-		one->ecx &= ~(1u << 15);
+	if (one)
+		one->ecx = (one->ecx & ~(1u << 15)) | (!no_pmu && p->pdcm ? 1u << 15 : 0);
 	return 0;
 }
 

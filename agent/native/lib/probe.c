@@ -74,6 +74,7 @@ const struct probe probe_table[] = {
 
 static const char *const shape_names[PROBE_NSHAPE] = {
 	"pmu_version", "gp_counters", "gp_width", "fixed_counters", "fixed_bitmap", "perf_capabilities",
+	"pdcm",
 };
 const int probe_count = (int)(sizeof(probe_table) / sizeof(probe_table[0]));
 
@@ -578,6 +579,15 @@ static enum probe_status probe_shape(struct probe_ctx *c)
 		w.fixed_ecx = (uint32_t)a[SHAPE_FIXED_BITMAP];
 	if (a[SHAPE_PERF_CAPS] >= 0 && !l->perf_capabilities)
 		return bad_shape(c, "%s has no IA32_PERF_CAPABILITIES (perf_capabilities)", l->vendor);
+	if (a[SHAPE_PDCM] >= 0 && (!l->perf_capabilities || a[SHAPE_PDCM] > 1))
+		return bad_shape(c, "pdcm=%lld: CPUID.1:ECX.PDCM is 0 or 1, on Intel only (not %s)",
+				 (long long)a[SHAPE_PDCM], l->vendor);
+	/* x86.c kvm_set_msr_common(): without PDCM only a host write of 0 is accepted. */
+	if (a[SHAPE_PDCM] == 0 && a[SHAPE_PERF_CAPS] > 0)
+		return bad_shape(c, "perf_capabilities=%#llx needs pdcm=1 (KVM takes only 0 without PDCM)",
+				 (unsigned long long)a[SHAPE_PERF_CAPS]);
+	if (a[SHAPE_PDCM] >= 0)
+		w.pdcm = a[SHAPE_PDCM] == 1;
 	if (!l->fixed_base) {
 		/* AMD: the version decides the features (lib/pmu.c amd_encode). */
 		if (w.version == 1)
@@ -621,6 +631,9 @@ static enum probe_status probe_shape(struct probe_ctx *c)
 		if (fd >= 0)
 			close(fd);
 	}
+	/* vmx/pmu_intel.h vcpu_get_perf_capabilities(): 0 when the guest CPUID lacks PDCM. */
+	if (l->perf_capabilities && !c->pmu.pdcm)
+		c->perf_caps = 0;
 	return PROBE_OK;
 }
 

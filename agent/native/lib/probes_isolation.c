@@ -665,8 +665,10 @@ enum probe_status probe_pmu_enum(struct probe_ctx *c)
 	struct guest_cmd *leaves[NLEAVES], *caps_rd = NULL;
 	struct cpuid_view gv = { .get = guest_view_get, .table = leaves };
 	enum probe_status ret = PROBE_OK;
-	int64_t before = -1, after = -1;
-	int set_errno = -1;
+	int64_t before = -1, after = -1, np_read = -1;
+	int set_errno = -1, np_zero = -1;
+	bool no_pdcm = l->perf_capabilities && !c->pmu.pdcm;
+	uint64_t np_bits = 0;
 	uint32_t max_basic, max_ext;
 	struct pmu_info decoded;
 	struct vcpu *v;
@@ -679,6 +681,21 @@ enum probe_status probe_pmu_enum(struct probe_ctx *c)
 	}
 	if (l->perf_capabilities && !vcpu_get_msr(v, l->perf_capabilities, &val))
 		before = (int64_t)val;
+	if (no_pdcm) {
+		/*
+		 * vmx_pmu_caps_test.c perf_capabilities_unsupported: with PDCM clear the host reads 0,
+		 * may write 0, and every single-bit value fails (x86.c kvm_{get,set}_msr_common:
+		 * KVM_MSR_RET_UNSUPPORTED without PDCM; only the host's read / write of 0 pass).
+		 */
+		if (!vcpu_get_msr(v, l->perf_capabilities, &val))
+			np_read = (int64_t)val;
+		np_zero = vcpu_set_msr(v, l->perf_capabilities, 0);
+		for (int i = 0; i < 64; i++)
+			if (!vcpu_set_msr(v, l->perf_capabilities, 1ULL << i)) {
+				np_bits |= 1ULL << i;
+				vcpu_set_msr(v, l->perf_capabilities, 0);
+			}
+	}
 	batch_begin(v);
 	for (size_t i = 0; i < NLEAVES; i++)
 		leaves[i] = batch_add(v, OP_CPUID, guest_leaves[i], 0, 0, 0, 0);
@@ -712,6 +729,15 @@ enum probe_status probe_pmu_enum(struct probe_ctx *c)
 	json_opt_i64(c->obs, "host_before_run", before);
 	json_opt_i64(c->obs, "host_set_after_run_errno", set_errno);
 	json_opt_i64(c->obs, "host_after_run", after);
+	if (no_pdcm) {
+		json_obj_begin(c->obs, "without_pdcm");
+		json_opt_i64(c->obs, "host_read", np_read);
+		json_opt_i64(c->obs, "host_set_zero_errno", np_zero);
+		json_u64(c->obs, "host_set_bits_accepted", np_bits);
+		json_obj_end(c->obs);
+	} else {
+		json_null(c->obs, "without_pdcm");
+	}
 	json_obj_end(c->obs);
 	json_exceptions(c->obs, v);
 	vm_destroy(&vm);
