@@ -72,7 +72,7 @@ def load_errata() -> list[dict[str, Any]]:
 
 KVM_FIELDS = {"id", "since", "detect", "source", "version_clamp", "max_gp_counters", "min_gp_counters",
               "max_fixed_counters", "status_set_min_version", "global_ctrl_passthrough", "rdpmc_passthrough",
-              "emulated_insns_counted", "guest_pebs_lbr"}
+              "emulated_insns_counted", "guest_pebs_lbr", "amd_host_guest_only"}
 KVM_DETECTORS = ("kvm_fixed_counters_gt_3",)
 
 
