@@ -1167,11 +1167,16 @@ class ModelDriver:
         return {"guest_svm": True, "pmcs": pmcs, "steps": out}
 
     def _p_umask_pair(self, rng: random.Random, iterations: int) -> dict[str, Any]:
-        if self.vendor != "intel":
-            raise _Unsupported("no event-select pair differing only in unit mask among the AMD events used")
+        # The harness's rule (lib/probes_filter.c probe_umask_pair): up to 4 pairs straight from the vendor's
+        # event table, in table order, sharing an event select and differing in unit mask.
+        names = list(self.events)
+        found = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]
+                 if self.events[a][0] == self.events[b][0] and self.events[a][1] != self.events[b][1]][:4]
+        if not found:
+            raise _Unsupported(f"the {self.vendor} event table has no two events sharing an event select")
         w, c = self._loop(rng, self._iterations(iterations), "plain")
         pairs = []
-        for first, second in (("cycles", "ref_cycles"), ("llc_references", "llc_misses")):
+        for first, second in found:
             sel, um1 = self.events[first]
             _, um2 = self.events[second]
             deny_both = "filter_umask_ignored" in self.faults
