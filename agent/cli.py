@@ -45,10 +45,12 @@ def list_probes() -> None:
 @main.command()
 @click.argument("probe_name")
 @click.argument("args", nargs=-1)
-@click.option("--driver", type=click.Choice(["kvm", "model"]), default="kvm", show_default=True)
+@click.option("--driver", type=click.Choice(["kvm", "model", "emulated"]), default="kvm", show_default=True)
 @click.option("--uarch", help="Microarchitecture id of a simulated host (driver model).")
-@click.option("--fault", "faults", multiple=True, help="Inject a named fault (driver model).")
-def run(probe_name: str, args: tuple[str, ...], driver: str, uarch: str | None, faults: tuple[str, ...]) -> None:
+@click.option("--layout", help="Register layout of the emulated PMU (driver emulated: intel, intel-v5, amd).")
+@click.option("--fault", "faults", multiple=True, help="Inject a named fault (drivers model and emulated).")
+def run(probe_name: str, args: tuple[str, ...], driver: str, uarch: str | None, layout: str | None,
+        faults: tuple[str, ...]) -> None:
     """Run PROBE with k=v arguments through a driver; print one JSON object (exit 0 ok, 4 unsupported, 1 error)."""
     from agent.drivers import make_driver
     from agent.tasks import host_facts
@@ -58,6 +60,10 @@ def run(probe_name: str, args: tuple[str, ...], driver: str, uarch: str | None, 
         if not uarch:
             raise click.UsageError("--driver model needs --uarch (see inventory/microarch.yaml)")
         host["model"] = {"uarch": uarch, "faults": list(faults)}
+    elif driver == "emulated":
+        if not layout:
+            raise click.UsageError("--driver emulated needs --layout (see inventory/emulated.yaml)")
+        host["emulated"] = {"layout": layout, "faults": list(faults)}
     try:
         params = dict(a.split("=", 1) for a in args)
     except ValueError:
