@@ -260,3 +260,15 @@ def test_emulated_inventory(asan: Path) -> None:
     assert facts["mediated_pmu"]["status"] == "available", facts["mediated_pmu"]
     drv = EmulatedDriver(hosts[0].entry(), facts, binary=asan)
     assert drv.name == "emulated" and drv.run("guest_count", iterations=10).status == "ok"
+
+
+def test_agent_run_emulated_driver() -> None:
+    """`agent run --driver emulated --layout L` runs one probe on the emulated PMU; a bad layout is one line."""
+    ok = subprocess.run([sys.executable, "-m", "agent.cli", "run", "guest_count", "--driver", "emulated",
+                         "--layout", "intel"], capture_output=True, text=True, timeout=120, check=False)
+    assert ok.returncode == 0, ok.stderr
+    obs = json.loads(ok.stdout)["observations"]
+    assert obs["counts"]["instructions"] == obs["workload"]["instructions"] == 3005
+    bad = subprocess.run([sys.executable, "-m", "agent.cli", "run", "guest_count", "--driver", "emulated",
+                          "--layout", "zen9"], capture_output=True, text=True, timeout=120, check=False)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "zen9" in bad.stderr
