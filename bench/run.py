@@ -39,6 +39,8 @@ BENCHES: dict[str, tuple[str, list[str], list[str] | None, str]] = {
     "aggregate": ("aggregate", [], ["--quick"], "write_reports over 100k results (quick: 10k)"),
     "sim_farm": ("sim_farm", ["--hosts", "1000"], ["--hosts", "10"], "dispatch + aggregation, N simulated hosts"),
     "gate": ("gate", [], None, "gate time-to-verdict on simulated hosts"),
+    "emulated": ("emulated", ["--runs", "5"], ["--runs", "1", "--no-submit"], "the real harness on the emulated PMU: "
+                 "median time per probe; `submit suites/counters --inventory inventory/emulated.yaml`"),
     "kselftest_build": ("kselftest_build", [], None, "KVM PMU selftests: fetch + unpack Debian's tree, cold and "
                         "cached build, one run"),
 }
