@@ -148,24 +148,6 @@ static int64_t read_perf_capabilities(void)
 	return n == (ssize_t)sizeof(v) ? (int64_t)(v & INT64_MAX) : -1;
 }
 
-static void get_kvm_supported_cpuid(struct host_caps *c, int kvm_fd)
-{
-	for (int nent = 256; nent <= 4096; nent *= 2) {
-		struct kvm_cpuid2 *t = calloc(1, sizeof(*t) + (size_t)nent * sizeof(t->entries[0]));
-
-		if (!t)
-			return;
-		t->nent = (uint32_t)nent;
-		if (ioctl(kvm_fd, KVM_GET_SUPPORTED_CPUID, t) == 0) {
-			c->kvm_cpuid = t;
-			return;
-		}
-		free(t);
-		if (errno != E2BIG)
-			return;
-	}
-}
-
 /* agent/facts/rules.py, in table order (agent/facts/verdict.py evaluates the same). */
 static void verdict(struct host_caps *c)
 {
@@ -275,7 +257,11 @@ void caps_collect(struct host_caps *c)
 		c->cap_pmu_capability = ioctl(kvm_fd, KVM_CHECK_EXTENSION, KVM_CAP_PMU_CAPABILITY);
 		c->cap_pmu_event_filter = ioctl(kvm_fd, KVM_CHECK_EXTENSION, KVM_CAP_PMU_EVENT_FILTER);
 		c->cap_irqchip = ioctl(kvm_fd, KVM_CHECK_EXTENSION, KVM_CAP_IRQCHIP);
-		get_kvm_supported_cpuid(c, kvm_fd);
+		{
+			char err[128];   /* no table: kvm_pmu stays zero and the verdict says so */
+
+			c->kvm_cpuid = kvm_supported_cpuid(kvm_fd, err, sizeof(err));
+		}
 		if (c->vendor_module_loaded && c->enable_mediated_pmu == 1)
 			c->vcpu_errno = trial_vcpu_errno(kvm_fd);
 		close(kvm_fd);
